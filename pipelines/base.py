@@ -1,0 +1,64 @@
+"""What an adapter tells the toolkit about one model family, and nothing about methods.
+
+An adapter knows: which attention modules of the transformer to take over
+(in layer order), where the text sits in the attention sequence, how to read
+the latent grid and the timestep from the transformer's inputs, and how the
+family's own processor computes q, k and v.  It never decides what attention
+to run: its processor asks the dispatcher, and when the answer is "dense" it
+hands the call to the model's original processor unchanged.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, ClassVar, Protocol
+
+import torch
+
+from vdit_sparse.context import AttentionCall
+from vdit_sparse.geometry import TokenLayout
+
+__all__ = ["PipelineAdapter", "Dispatcher", "bind_forward_inputs"]
+
+
+class Dispatcher(Protocol):
+    """The side of the toolkit a processor talks to (implemented in vdit_sparse.api)."""
+
+    def sparse_call(
+        self, layer_index: int, batch: int, heads: int, key_padding_mask: torch.Tensor | None
+    ) -> AttentionCall | None:
+        """The call description when this layer runs sparse now, None when it runs dense."""
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttentionCall) -> torch.Tensor:
+        """q, k, v ``(B, H, S, D)`` -> ``(B, H, S, D)``."""
+
+
+def bind_forward_inputs(forward, args: tuple, kwargs: dict) -> dict[str, Any]:
+    """Name a forward call's arguments the way its signature does."""
+    bound = inspect.signature(forward).bind_partial(*args, **kwargs)
+    return dict(bound.arguments)
+
+
+class PipelineAdapter:
+    """Base of the per-family adapters; subclasses fill in the class attributes and methods."""
+
+    family: ClassVar[str]
+    pipeline_class_names: ClassVar[tuple[str, ...]]
+    transformer_class_names: ClassVar[tuple[str, ...]]
+
+    def attention_modules(self, transformer: torch.nn.Module) -> list[torch.nn.Module]:
+        """The self-attention modules to take over, in layer order (list index = layer index)."""
+        raise NotImplementedError
+
+    def num_heads(self, transformer: torch.nn.Module) -> int:
+        return self.attention_modules(transformer)[0].heads
+
+    def token_layout(self, transformer: torch.nn.Module, inputs: dict[str, Any]) -> TokenLayout:
+        """The attention sequence's layout for one forward, read from that forward's inputs."""
+        raise NotImplementedError
+
+    def timestep(self, inputs: dict[str, Any]) -> torch.Tensor:
+        return inputs["timestep"]
+
+    def make_processor(self, original: Any, layer_index: int, dispatcher: Dispatcher) -> Any:
+        raise NotImplementedError

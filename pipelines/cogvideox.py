@@ -1,0 +1,93 @@
+"""CogVideoX (2B, 5B, 1.5): text is a prefix of the attention sequence.
+
+``CogVideoXAttnProcessor2_0`` joins ``[text | video]``, projects q, k, v in
+``(B, H, S, D)``, applies RoPE to the video part only (5B and 1.5; 2B uses
+sincos positions added before the blocks) and calls
+``F.scaled_dot_product_attention`` directly, so attention backends never
+reach it: the processor below replaces it, computing q, k, v the same way.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from vdit_sparse.geometry import LatentGrid, TokenLayout
+
+from .base import PipelineAdapter
+
+__all__ = ["CogVideoXAdapter"]
+
+
+class CogVideoXAdapter(PipelineAdapter):
+    family = "cogvideox"
+    pipeline_class_names = (
+        "CogVideoXPipeline",
+        "CogVideoXImageToVideoPipeline",
+        "CogVideoXVideoToVideoPipeline",
+    )
+    transformer_class_names = ("CogVideoXTransformer3DModel",)
+
+    def attention_modules(self, transformer):
+        return [block.attn1 for block in transformer.transformer_blocks]
+
+    def token_layout(self, transformer, inputs):
+        # hidden_states: (B, F, C, H, W) latents; patches of p x p pixels and, on 1.5, p_t frames.
+        _, frames, _, height, width = inputs["hidden_states"].shape
+        p = transformer.config.patch_size
+        p_t = transformer.config.patch_size_t or 1
+        grid = LatentGrid(frames // p_t, height // p, width // p)
+        text_length = inputs["encoder_hidden_states"].shape[1]
+        return TokenLayout(grid, text_length, "prefix")
+
+    def make_processor(self, original, layer_index, dispatcher):
+        return CogVideoXSparseProcessor(original, layer_index, dispatcher)
+
+
+class CogVideoXSparseProcessor:
+    """Routes one CogVideoX attention layer: the original processor when dense, else q, k, v to the dispatcher."""
+
+    def __init__(self, original: Any, layer_index: int, dispatcher):
+        self.original = original
+        self.layer_index = layer_index
+        self.dispatcher = dispatcher
+
+    def __call__(
+        self,
+        attn,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        image_rotary_emb: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = hidden_states.shape[0]
+        call = None
+        if attention_mask is None:  # CogVideoX never passes one; if someone does, stay exact and dense
+            call = self.dispatcher.sparse_call(self.layer_index, batch, attn.heads, None)
+        if call is None:
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+
+        text_length = encoder_hidden_states.size(1)
+        hidden_states = torch.cat([encoder_hidden_states, hidden_states], dim=1)
+        query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+        head_dim = key.shape[-1] // attn.heads
+        query = query.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+        key = key.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+        value = value.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        if image_rotary_emb is not None:
+            from diffusers.models.embeddings import apply_rotary_emb
+
+            query[:, :, text_length:] = apply_rotary_emb(query[:, :, text_length:], image_rotary_emb)
+            if not attn.is_cross_attention:
+                key[:, :, text_length:] = apply_rotary_emb(key[:, :, text_length:], image_rotary_emb)
+
+        out = self.dispatcher.attend(query, key, value, call)
+        out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim)
+        out = attn.to_out[1](attn.to_out[0](out))
+        encoder_out, video_out = out.split([text_length, out.size(1) - text_length], dim=1)
+        return video_out, encoder_out

@@ -1,0 +1,131 @@
+"""HunyuanVideo: text is a suffix of the attention sequence, padded text is masked.
+
+The transformer has dual-stream blocks (``transformer_blocks``: video and text
+projected separately, then joined ``[video | text]``) and single-stream blocks
+(``single_transformer_blocks``: one projection over the joined sequence).
+Layer indices run over the dual-stream blocks first, then the single-stream
+ones.  The attention mask the blocks receive is ``(B, 1, 1, S)`` bool, True
+for real tokens: it only masks padded text keys, so it becomes our
+key-padding mask.  The token refiner's text-only attention is not touched.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from vdit_sparse.geometry import LatentGrid, TokenLayout
+
+from .base import PipelineAdapter
+
+__all__ = ["HunyuanVideoAdapter"]
+
+
+class HunyuanVideoAdapter(PipelineAdapter):
+    family = "hunyuan-video"
+    pipeline_class_names = ("HunyuanVideoPipeline",)
+    transformer_class_names = ("HunyuanVideoTransformer3DModel",)
+
+    def attention_modules(self, transformer):
+        dual = [block.attn for block in transformer.transformer_blocks]
+        single = [block.attn for block in transformer.single_transformer_blocks]
+        return dual + single
+
+    def token_layout(self, transformer, inputs):
+        # hidden_states: (B, C, F, H, W) latents.
+        _, _, frames, height, width = inputs["hidden_states"].shape
+        p, p_t = transformer.config.patch_size, transformer.config.patch_size_t
+        grid = LatentGrid(frames // p_t, height // p, width // p)
+        text_length = inputs["encoder_hidden_states"].shape[1]
+        return TokenLayout(grid, text_length, "suffix")
+
+    def make_processor(self, original, layer_index, dispatcher):
+        return HunyuanVideoSparseProcessor(original, layer_index, dispatcher)
+
+
+def _key_padding_mask(attention_mask: torch.Tensor | None, seq_len: int) -> torch.Tensor | None:
+    """(B, 1, 1, S) bool -> (B, S); None when it masks nothing we can express as key padding."""
+    if attention_mask is None:
+        return None
+    if attention_mask.dtype != torch.bool or attention_mask.ndim != 4 or attention_mask.shape[1:3] != (1, 1):
+        raise ValueError(
+            "HunyuanVideo attention mask: expected a (B, 1, 1, S) bool key-padding mask, got "
+            f"dtype {attention_mask.dtype} and shape {tuple(attention_mask.shape)}"
+        )
+    if attention_mask.shape[-1] != seq_len:
+        raise ValueError(f"HunyuanVideo attention mask covers {attention_mask.shape[-1]} tokens, the sequence has {seq_len}")
+    return attention_mask[:, 0, 0, :]
+
+
+class HunyuanVideoSparseProcessor:
+    """Routes one HunyuanVideo attention layer (dual- or single-stream)."""
+
+    def __init__(self, original: Any, layer_index: int, dispatcher):
+        self.original = original
+        self.layer_index = layer_index
+        self.dispatcher = dispatcher
+
+    def __call__(
+        self,
+        attn,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        image_rotary_emb: torch.Tensor | None = None,
+    ):
+        call = None
+        if encoder_hidden_states is not None:
+            seq_len = hidden_states.shape[1] + encoder_hidden_states.shape[1]
+            padding = _key_padding_mask(attention_mask, seq_len)
+            call = self.dispatcher.sparse_call(self.layer_index, hidden_states.shape[0], attn.heads, padding)
+        if call is None:
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+
+        from diffusers.models.embeddings import apply_rotary_emb
+
+        text_length = encoder_hidden_states.shape[1]
+        single_stream = attn.add_q_proj is None
+        if single_stream:
+            hidden_states = torch.cat([hidden_states, encoder_hidden_states], dim=1)
+        query = attn.to_q(hidden_states).unflatten(2, (attn.heads, -1))
+        key = attn.to_k(hidden_states).unflatten(2, (attn.heads, -1))
+        value = attn.to_v(hidden_states).unflatten(2, (attn.heads, -1))
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        if image_rotary_emb is not None:
+            if single_stream:  # RoPE on the video part only
+                query = torch.cat(
+                    [apply_rotary_emb(query[:, :-text_length], image_rotary_emb, sequence_dim=1), query[:, -text_length:]],
+                    dim=1,
+                )
+                key = torch.cat(
+                    [apply_rotary_emb(key[:, :-text_length], image_rotary_emb, sequence_dim=1), key[:, -text_length:]],
+                    dim=1,
+                )
+            else:
+                query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+                key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+        if not single_stream:
+            text_q = attn.add_q_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
+            text_k = attn.add_k_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
+            text_v = attn.add_v_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
+            if attn.norm_added_q is not None:
+                text_q = attn.norm_added_q(text_q)
+            if attn.norm_added_k is not None:
+                text_k = attn.norm_added_k(text_k)
+            query = torch.cat([query, text_q], dim=1)
+            key = torch.cat([key, text_k], dim=1)
+            value = torch.cat([value, text_v], dim=1)
+
+        # (B, S, H, D) -> (B, H, S, D) views for the methods, and back.
+        out = self.dispatcher.attend(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), call)
+        out = out.transpose(1, 2).flatten(2, 3).to(query.dtype)
+        video_out, text_out = out[:, :-text_length], out[:, -text_length:]
+        if getattr(attn, "to_out", None) is not None:
+            video_out = attn.to_out[1](attn.to_out[0](video_out))
+        if getattr(attn, "to_add_out", None) is not None:
+            text_out = attn.to_add_out(text_out)
+        return video_out, text_out

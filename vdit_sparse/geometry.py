@@ -1,0 +1,103 @@
+"""Where each token of a video DiT's attention sequence sits.
+
+A video DiT attends over one sequence that joins text tokens and video tokens.
+The video tokens are frame-major: token ``f * (H * W) + h * W + w`` of the video
+part is latent frame ``f``, row ``h``, column ``w`` (after patchification).
+The text sits either before the video (CogVideoX: a prefix) or after it
+(HunyuanVideo: a suffix).  Methods and kernels read positions from a
+:class:`TokenLayout` and never hard-code a model's numbers.
+
+Dimension letters used across the package: ``B`` batch, ``H`` heads, ``S``
+sequence (text + video), ``D`` head dim, ``F`` latent frames.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+__all__ = ["LatentGrid", "TokenLayout", "num_blocks"]
+
+
+@dataclass(frozen=True)
+class LatentGrid:
+    """The video tokens' grid after patchification: frames x height x width."""
+
+    frames: int
+    height: int
+    width: int
+
+    def __post_init__(self) -> None:
+        for name in ("frames", "height", "width"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"LatentGrid.{name} must be a positive int, got {value!r}")
+
+    @property
+    def tokens_per_frame(self) -> int:
+        return self.height * self.width
+
+    @property
+    def num_tokens(self) -> int:
+        return self.frames * self.height * self.width
+
+
+@dataclass(frozen=True)
+class TokenLayout:
+    """The attention sequence of one call: a text span and a frame-major video span.
+
+    ``text_position`` is ``"prefix"`` when text comes first (CogVideoX) and
+    ``"suffix"`` when it comes last (HunyuanVideo).  ``text_length`` counts the
+    text tokens present in the sequence, padded ones included; padding is
+    described separately by a key-padding mask.
+    """
+
+    grid: LatentGrid
+    text_length: int
+    text_position: Literal["prefix", "suffix"]
+
+    def __post_init__(self) -> None:
+        if self.text_position not in ("prefix", "suffix"):
+            raise ValueError(f"text_position must be 'prefix' or 'suffix', got {self.text_position!r}")
+        if self.text_length < 0:
+            raise ValueError(f"text_length must be >= 0, got {self.text_length}")
+
+    @property
+    def seq_len(self) -> int:
+        return self.grid.num_tokens + self.text_length
+
+    @property
+    def video_start(self) -> int:
+        return self.text_length if self.text_position == "prefix" else 0
+
+    @property
+    def video_end(self) -> int:
+        return self.video_start + self.grid.num_tokens
+
+    @property
+    def text_start(self) -> int:
+        return 0 if self.text_position == "prefix" else self.grid.num_tokens
+
+    @property
+    def text_end(self) -> int:
+        return self.text_start + self.text_length
+
+    def token_frames(self, device: torch.device | str | None = None) -> torch.Tensor:
+        """Latent frame of every token in the sequence, ``-1`` for text. Shape ``(S,)``, int64."""
+        frames = torch.full((self.seq_len,), -1, dtype=torch.long, device=device)
+        video = torch.arange(self.grid.num_tokens, device=device) // self.grid.tokens_per_frame
+        frames[self.video_start : self.video_end] = video
+        return frames
+
+    def is_text(self, device: torch.device | str | None = None) -> torch.Tensor:
+        """Boolean ``(S,)``: True where the token is text."""
+        flags = torch.zeros(self.seq_len, dtype=torch.bool, device=device)
+        flags[self.text_start : self.text_end] = True
+        return flags
+
+
+def num_blocks(length: int, block_size: int) -> int:
+    """Blocks of ``block_size`` needed to cover ``length`` tokens (the last one may be partial)."""
+    return -(-length // block_size)

@@ -1,0 +1,246 @@
+"""Profiles: which attention method runs where, as a validated, typed schema.
+
+A profile is YAML (or a :class:`Profile` built in code)::
+
+    name: sliding-frames
+    description: each video token sees its own latent frame +-1, plus all text
+    model: {family: cogvideox}          # optional: num_layers / num_heads are checked when given
+    method: sliding_frames              # default method of every layer not listed below
+    params: {window_frames: 1}          # that method's parameters (see its Params)
+    dense_warmup_steps: 2               # or dense_warmup_fraction: 0.25 (not both)
+    dense_layers: [0]                   # layers that always run dense
+    layers:                             # per-layer overrides, keyed by layer index
+      5: {method: dense, sensitivity: 0.031}
+      7: {params: {window_frames: 2}, sensitivity: 0.004}
+
+The schema is an omegaconf structured config, so a typo or a wrong type is
+refused when the profile is loaded, and every error names the field, the value
+seen and what is allowed.  Checks that need the model (layer and head counts)
+run in :meth:`ResolvedProfile.check_model` when the profile is applied.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Union
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+__all__ = ["Profile", "ModelSpec", "LayerOverride", "ProfileError", "load_profile", "builtin_profiles"]
+
+
+class ProfileError(ValueError):
+    """A profile that cannot be used, with the field, the value seen and what is allowed."""
+
+
+@dataclass
+class ModelSpec:
+    """The model a profile was written for. Fields left None are not checked."""
+
+    family: Optional[str] = None
+    num_layers: Optional[int] = None
+    num_heads: Optional[int] = None
+
+
+@dataclass
+class LayerOverride:
+    """What one layer does differently from the profile's default.
+
+    ``sensitivity`` records how much this layer's output moves when it runs
+    sparse (from the offline search: relative error against dense); it is
+    informational for now and lets budget allocation favour robust layers.
+    """
+
+    method: Optional[str] = None
+    params: Dict[str, Any] = field(default_factory=dict)
+    sensitivity: Optional[float] = None
+
+
+@dataclass
+class Profile:
+    name: str = "custom"
+    description: str = ""
+    model: ModelSpec = field(default_factory=ModelSpec)
+    method: str = "dense"
+    params: Dict[str, Any] = field(default_factory=dict)
+    dense_warmup_steps: Optional[int] = None
+    dense_warmup_fraction: Optional[float] = None
+    dense_layers: List[int] = field(default_factory=list)
+    layers: Dict[int, LayerOverride] = field(default_factory=dict)
+
+
+def builtin_profiles() -> list[str]:
+    """Names of the profiles shipped with the package."""
+    folder = resources.files("vdit_sparse.profiles")
+    return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def _omegaconf_message(error: OmegaConfBaseException) -> str:
+    # omegaconf puts the useful line first and adds "full_key: ..." context lines.
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    key = getattr(error, "full_key", None)
+    head = lines[0] if lines else type(error).__name__
+    return f"field '{key}': {head}" if key else head
+
+
+def _parse(raw: Any, source: str) -> Profile:
+    if not isinstance(raw, (dict, Profile)) and not OmegaConf.is_config(raw):
+        raise ProfileError(f"profile {source}: expected a mapping of fields, got {type(raw).__name__}")
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(Profile), raw)
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as error:
+        raise ProfileError(f"profile {source}: {_omegaconf_message(error)}") from None
+
+
+def load_profile(profile: Union[str, Path, Profile, dict]) -> "ResolvedProfile":
+    """Load and validate a profile: a built-in name, a YAML path, a dict or a :class:`Profile`."""
+    if isinstance(profile, ResolvedProfile):
+        return profile
+    if isinstance(profile, Profile):
+        parsed = _parse(OmegaConf.structured(profile), f"'{profile.name}'")
+    elif isinstance(profile, dict):
+        parsed = _parse(profile, "(dict)")
+    elif isinstance(profile, (str, Path)):
+        path = Path(profile)
+        if path.suffix in (".yaml", ".yml") or path.exists():
+            if not path.is_file():
+                raise ProfileError(f"profile file not found: {str(path)!r}")
+            source = str(path)
+            text = path.read_text()
+        else:
+            names = builtin_profiles()
+            if str(profile) not in names:
+                raise ProfileError(
+                    f"unknown profile {str(profile)!r}: not a built-in name and not a YAML file; "
+                    f"built-in profiles: {', '.join(names)}"
+                )
+            source = f"'{profile}'"
+            text = resources.files("vdit_sparse.profiles").joinpath(f"{profile}.yaml").read_text()
+        try:
+            raw = OmegaConf.create(text)
+        except Exception as error:  # yaml errors come in several types
+            raise ProfileError(f"profile {source}: not valid YAML ({error})") from None
+        parsed = _parse(raw if OmegaConf.is_dict(raw) else OmegaConf.to_container(raw), source)
+    else:
+        raise ProfileError(
+            f"profile must be a built-in name, a YAML path, a dict or a Profile, got {type(profile).__name__}"
+        )
+    return ResolvedProfile(parsed)
+
+
+class ResolvedProfile:
+    """A validated profile with each layer's method and parameters resolved."""
+
+    def __init__(self, profile: Profile):
+        from .methods import get_method_class  # methods import this module for ProfileError
+
+        self.profile = profile
+        where = f"profile '{profile.name}'"
+        if profile.dense_warmup_steps is not None and profile.dense_warmup_fraction is not None:
+            raise ProfileError(
+                f"{where}: set dense_warmup_steps or dense_warmup_fraction, not both "
+                f"(got {profile.dense_warmup_steps} and {profile.dense_warmup_fraction})"
+            )
+        if profile.dense_warmup_steps is not None and profile.dense_warmup_steps < 0:
+            raise ProfileError(f"{where}: field 'dense_warmup_steps' must be >= 0, got {profile.dense_warmup_steps}")
+        fraction = profile.dense_warmup_fraction
+        if fraction is not None and not 0.0 <= fraction <= 1.0:
+            raise ProfileError(f"{where}: field 'dense_warmup_fraction' must be in [0, 1], got {fraction}")
+        bad = [i for i in profile.dense_layers if i < 0]
+        if bad:
+            raise ProfileError(f"{where}: field 'dense_layers' holds negative layer indices {bad}; allowed: >= 0")
+        bad = [i for i in profile.layers if i < 0]
+        if bad:
+            raise ProfileError(f"{where}: field 'layers' has negative layer indices {bad}; allowed: >= 0")
+        for name, value in (("model.num_layers", profile.model.num_layers), ("model.num_heads", profile.model.num_heads)):
+            if value is not None and value < 1:
+                raise ProfileError(f"{where}: field '{name}' must be >= 1, got {value}")
+
+        self.default_method = get_method_class(profile.method, field_name="method", where=where)
+        self.default_params = self.default_method.parse_params(profile.params, field_name="params", where=where)
+        self._layer_plans: dict[int, tuple[type, Any]] = {}
+        for index, override in profile.layers.items():
+            method = self.default_method
+            if override.method is not None:
+                method = get_method_class(override.method, field_name=f"layers.{index}.method", where=where)
+            # Layer params refine the profile's params when the method is the same, else start from defaults.
+            base = profile.params if method is self.default_method else {}
+            params = method.parse_params(
+                {**base, **override.params}, field_name=f"layers.{index}.params", where=where
+            )
+            if override.sensitivity is not None and not (override.sensitivity >= 0 and math.isfinite(override.sensitivity)):
+                raise ProfileError(
+                    f"{where}: field 'layers.{index}.sensitivity' must be a finite number >= 0, got {override.sensitivity}"
+                )
+            self._layer_plans[index] = (method, params)
+
+    @property
+    def name(self) -> str:
+        return self.profile.name
+
+    def check_model(self, family: str, num_layers: int, num_heads: int) -> None:
+        """Refuse a profile written for another model, naming both counts."""
+        p, where = self.profile, f"profile '{self.profile.name}'"
+        if p.model.family is not None and p.model.family != family:
+            raise ProfileError(f"{where} was written for model family {p.model.family!r}, but the pipeline is {family!r}")
+        if p.model.num_layers is not None and p.model.num_layers != num_layers:
+            raise ProfileError(
+                f"{where} was written for a model with {p.model.num_layers} attention layers, "
+                f"but this transformer has {num_layers}"
+            )
+        if p.model.num_heads is not None and p.model.num_heads != num_heads:
+            raise ProfileError(
+                f"{where} was written for a model with {p.model.num_heads} attention heads, "
+                f"but this transformer has {num_heads}"
+            )
+        for field_name, indices in (("dense_layers", p.dense_layers), ("layers", list(p.layers))):
+            bad = sorted(i for i in indices if i >= num_layers)
+            if bad:
+                raise ProfileError(
+                    f"{where}: field '{field_name}' names layers {bad}, but this transformer has "
+                    f"{num_layers} attention layers (valid: 0..{num_layers - 1})"
+                )
+
+    def dense_warmup_steps(self, num_steps: int) -> int:
+        """Steps that run fully dense at the start of a run of ``num_steps`` steps.
+
+        A fraction is rounded up, so 0.25 of 4 steps is 1 step; with few-step
+        or distilled models prefer ``dense_warmup_steps`` (an exact count).
+        """
+        if self.profile.dense_warmup_steps is not None:
+            return self.profile.dense_warmup_steps
+        if self.profile.dense_warmup_fraction is not None:
+            return math.ceil(self.profile.dense_warmup_fraction * num_steps)
+        return 0
+
+    def layer_plan(self, layer_index: int) -> tuple[type, Any]:
+        """The method class and its parameters for one layer (before warm-up and dense layers)."""
+        if layer_index in self.profile.dense_layers:
+            from .methods import get_method_class
+
+            return get_method_class("dense"), None
+        return self._layer_plans.get(layer_index, (self.default_method, self.default_params))
+
+    def to_yaml(self) -> str:
+        return OmegaConf.to_yaml(OmegaConf.structured(self.profile))
+
+
+def params_from_dict(params_cls: type, values: dict, *, field_name: str, where: str) -> Any:
+    """Build a method's Params dataclass from a dict, refusing unknown fields and wrong types."""
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(params_cls), values)
+        result = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as error:
+        raise ProfileError(f"{where}: {field_name}: {_omegaconf_message(error)}") from None
+    if hasattr(result, "validate"):
+        problem = result.validate()
+        if problem:
+            raise ProfileError(f"{where}: {field_name}: {problem}")
+    assert dataclasses.is_dataclass(result)
+    return result
