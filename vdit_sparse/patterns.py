@@ -19,7 +19,16 @@ import torch
 
 from .geometry import TokenLayout, num_blocks
 
-__all__ = ["block_frame_ranges", "block_has_text", "frame_band_block_mask", "dense_block_mask"]
+__all__ = [
+    "block_frame_ranges",
+    "block_has_text",
+    "frame_band_block_mask",
+    "dense_block_mask",
+    "diagonal_band_block_mask",
+    "frame_to_position_permutation",
+    "temporal_band_block_mask",
+    "vertical_stripe_block_mask",
+]
 
 
 def _pad_to_blocks(values: torch.Tensor, block_size: int, fill: int | bool) -> torch.Tensor:
@@ -72,3 +81,110 @@ def frame_band_block_mask(
     # Frame ranges [a0, a1] and [b0, b1] hold a pair within w frames iff b0 <= a1 + w and b1 >= a0 - w.
     near = (k_first[None, :] <= q_last[:, None] + width_frames) & (k_last[None, :] >= q_first[:, None] - width_frames)
     return near | q_text[:, None] | k_text[None, :]
+
+
+def _block_video_ranges(layout: TokenLayout, block_size: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """First and last video-span offset (0-based within the video) of the video tokens in each block.
+
+    Video tokens in a block are contiguous, so a block's video part is exactly
+    the range ``[first, last]``; a block without video gets ``(+big, -big)``.
+    """
+    offsets = torch.full((layout.seq_len,), -1, dtype=torch.long, device=device)
+    offsets[layout.video_start : layout.video_end] = torch.arange(layout.grid.num_tokens, device=device)
+    big = 1 << 40
+    blocks = _pad_to_blocks(offsets, block_size, -1)
+    is_video = blocks >= 0
+    first = torch.where(is_video, blocks, torch.full_like(blocks, big)).amin(dim=1)
+    last = torch.where(is_video, blocks, torch.full_like(blocks, -big)).amax(dim=1)
+    return first, last
+
+
+def _band_block_mask(layout: TokenLayout, block_size: int, kv_block_size: int | None, width: int, device) -> torch.Tensor:
+    # Ranges [a0, a1] and [b0, b1] hold a pair with |i - j| <= w iff b0 <= a1 + w and b1 >= a0 - w.
+    kv_block_size = kv_block_size or block_size
+    q_first, q_last = _block_video_ranges(layout, block_size, device)
+    k_first, k_last = _block_video_ranges(layout, kv_block_size, device)
+    near = (k_first[None, :] <= q_last[:, None] + width) & (k_last[None, :] >= q_first[:, None] - width)
+    q_text = block_has_text(layout, block_size, device)
+    k_text = block_has_text(layout, kv_block_size, device)
+    return near | q_text[:, None] | k_text[None, :]
+
+
+def diagonal_band_block_mask(
+    layout: TokenLayout, block_size: int, width_tokens: int, *, kv_block_size: int | None = None, device=None
+) -> torch.Tensor:
+    """Each video token attends to video tokens at most ``width_tokens`` positions away, plus all text.
+
+    Token rule: keep ``(i, j)`` when both are video and ``|i - j| <= width_tokens``
+    (frame-major order), or either is text.  Query blocks have ``block_size``
+    tokens, key blocks ``kv_block_size`` (default the same); the result is
+    ``(num_q_blocks, num_kv_blocks)``.
+    """
+    if width_tokens < 0:
+        raise ValueError(f"width_tokens must be >= 0, got {width_tokens}")
+    return _band_block_mask(layout, block_size, kv_block_size, width_tokens, device)
+
+
+def frame_to_position_permutation(layout: TokenLayout, device=None) -> torch.Tensor:
+    """Token order with the video span transposed from frame-major to position-major, shape ``(S,)``.
+
+    ``x[..., perm, :]`` puts video token (frame ``f``, spatial position ``p``)
+    at video offset ``p * frames + f``; text tokens keep their places.  So the
+    frames of one spatial position become neighbours.
+    """
+    grid = layout.grid
+    perm = torch.arange(layout.seq_len, dtype=torch.long, device=device)
+    new_offset = torch.arange(grid.num_tokens, device=device)
+    position, frame = new_offset // grid.frames, new_offset % grid.frames
+    perm[layout.video_start : layout.video_end] = layout.video_start + frame * grid.tokens_per_frame + position
+    return perm
+
+
+def temporal_band_block_mask(
+    layout: TokenLayout, block_size: int, width_frames: int, *, kv_block_size: int | None = None, device=None
+) -> torch.Tensor:
+    """Same spatial position within ``width_frames`` frames, plus all text, on position-major tokens.
+
+    The mask indexes blocks of the sequence AFTER
+    :func:`frame_to_position_permutation` (queries and keys both permuted).
+    Token rule: keep ``(i, j)`` when both are video at the same spatial
+    position with ``|frame(i) - frame(j)| <= width_frames``, or either is text.
+    It is lifted through the band ``|i' - j'| <= width_frames`` of permuted
+    offsets, which holds every kept pair (a superset only where a block spans
+    two positions).
+    """
+    if width_frames < 0:
+        raise ValueError(f"width_frames must be >= 0, got {width_frames}")
+    return _band_block_mask(layout, block_size, kv_block_size, width_frames, device)
+
+
+def vertical_stripe_block_mask(
+    layout: TokenLayout,
+    block_size: int,
+    key_columns: torch.Tensor,
+    *,
+    kv_block_size: int | None = None,
+    device=None,
+) -> torch.Tensor:
+    """Every query attends to the given key tokens (global sequence indices), plus all text.
+
+    ``key_columns`` is an integer tensor ``(..., K)``: leading dims (e.g. heads)
+    give one stripe set each, and the result is ``(..., num_q_blocks,
+    num_kv_blocks)``.  Token rule: keep ``(i, j)`` when ``j`` is listed or
+    either token is text.  A key block holding a listed column is kept for
+    every query block.
+    """
+    if key_columns.dtype in (torch.bool,) or key_columns.is_floating_point():
+        raise ValueError(f"key_columns must be an integer tensor of token indices, got {key_columns.dtype}")
+    if key_columns.numel() and (int(key_columns.min()) < 0 or int(key_columns.max()) >= layout.seq_len):
+        raise ValueError(f"key_columns must lie in [0, {layout.seq_len}) (the sequence), got values outside it")
+    kv_block_size = kv_block_size or block_size
+    device = key_columns.device if device is None else device
+    num_q = num_blocks(layout.seq_len, block_size)
+    num_kv = num_blocks(layout.seq_len, kv_block_size)
+    key_columns = key_columns.to(device=device, dtype=torch.long)
+    stripes = torch.zeros(*key_columns.shape[:-1], num_kv, dtype=torch.bool, device=device)
+    stripes.scatter_(-1, key_columns // kv_block_size, True)
+    stripes = stripes | block_has_text(layout, kv_block_size, device)
+    q_text = block_has_text(layout, block_size, device)
+    return stripes[..., None, :].expand(*stripes.shape[:-1], num_q, num_kv) | q_text[:, None]

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
 from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 __all__ = ["Profile", "ModelSpec", "LayerOverride", "ProfileError", "load_profile", "builtin_profiles"]
 
@@ -80,11 +80,13 @@ def builtin_profiles() -> list[str]:
     return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
 
 
-def _omegaconf_message(error: OmegaConfBaseException) -> str:
+def _omegaconf_message(error: OmegaConfBaseException, schema: type) -> str:
     # omegaconf puts the useful line first and adds "full_key: ..." context lines.
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     key = getattr(error, "full_key", None)
     head = lines[0] if lines else type(error).__name__
+    if isinstance(error, ConfigKeyError) and key and "." not in str(key):
+        head += f"; allowed fields: {', '.join(f.name for f in dataclasses.fields(schema))}"
     return f"field '{key}': {head}" if key else head
 
 
@@ -95,7 +97,7 @@ def _parse(raw: Any, source: str) -> Profile:
         merged = OmegaConf.merge(OmegaConf.structured(Profile), raw)
         return OmegaConf.to_object(merged)
     except OmegaConfBaseException as error:
-        raise ProfileError(f"profile {source}: {_omegaconf_message(error)}") from None
+        raise ProfileError(f"profile {source}: {_omegaconf_message(error, Profile)}") from None
 
 
 def load_profile(profile: Union[str, Path, Profile, dict]) -> "ResolvedProfile":
@@ -237,7 +239,7 @@ def params_from_dict(params_cls: type, values: dict, *, field_name: str, where: 
         merged = OmegaConf.merge(OmegaConf.structured(params_cls), values)
         result = OmegaConf.to_object(merged)
     except OmegaConfBaseException as error:
-        raise ProfileError(f"{where}: {field_name}: {_omegaconf_message(error)}") from None
+        raise ProfileError(f"{where}: {field_name}: {_omegaconf_message(error, params_cls)}") from None
     if hasattr(result, "validate"):
         problem = result.validate()
         if problem:

@@ -1,0 +1,536 @@
+"""Small diffusers pipelines built from config, fully offline.
+
+No model hub is reachable where this package is tested, so it builds its own
+video pipelines: the real diffusers classes (``CogVideoXPipeline``,
+``HunyuanVideoPipeline``) wired to tiny, randomly initialised modules and to
+tokenizers built locally with the ``tokenizers`` library. Every weight is a
+pure function of ``seed``: two builds with the same seed give bit-identical
+videos. They exercise the same code paths as the real checkpoints (patch
+embedding, RoPE or sin-cos positions, CFG batching, key-padding masks, VAE
+frame arithmetic) at a few hundred tokens, so tests and the demo run on a CPU.
+
+Example::
+
+    from vdit_sparse.embedded import DEMO_CALL_ARGS, build_embedded_pipeline
+
+    pipe = build_embedded_pipeline("cogvideox", variant="5b", seed=0)
+    video = pipe("a red ball moves left", **DEMO_CALL_ARGS["cogvideox"],
+                 generator=torch.Generator().manual_seed(0)).frames[0]
+
+Geometry of the embedded models (the real ones differ on purpose where a
+hard-coded real constant would otherwise go unnoticed in tests):
+
+============== ========= ========== ============ ========== =====================
+family         VAE space VAE time   patch (t,h,w) text       text position
+============== ========= ========== ============ ========== =====================
+cogvideox      2x        2x         (1, 2, 2)    16 tokens  prefix [text | video]
+cogvideox-1.5  2x        2x         (2, 2, 2)    16 tokens  prefix [text | video]
+hunyuan-video  2x        4x         (1, 2, 2)    16 tokens  suffix [video | text]
+============== ========= ========== ============ ========== =====================
+
+The text length is the ``max_sequence_length`` call argument (both pipelines
+pad the prompt to it); :data:`EMBEDDED_TEXT_LEN` is the value
+:data:`DEMO_CALL_ARGS` passes. CogVideoX "2b" (sin-cos positions) *requires*
+it: its position table is sized for exactly that many text tokens, as the real
+2B's is for 226. HunyuanVideo masks padded text keys with a ``[B, 1, 1, N]``
+key-padding mask; CogVideoX attends to padded T5 tokens, as the real model does.
+
+Frame counts: the CogVideoX VAE decodes latent frames in pairs after the first,
+so ``num_frames`` should give an odd number of latent frames
+(``num_frames = 2 * k + 1`` here, ``4 * k + 1`` for the real model); HunyuanVideo
+takes ``num_frames = 4 * k + 1``. HunyuanVideo needs height and width divisible
+by 16, CogVideoX by 8 (both pipelines check).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from types import MappingProxyType
+
+import torch
+
+__all__ = [
+    "DEMO_CALL_ARGS",
+    "EMBEDDED_FAMILIES",
+    "EMBEDDED_MODEL_IDS",
+    "EMBEDDED_TEXT_LEN",
+    "build_embedded_pipeline",
+    "build_tokenizer",
+    "load_pipeline",
+]
+
+EMBEDDED_TEXT_LEN = 16
+"""Text tokens the embedded transformers see at :data:`DEMO_CALL_ARGS`."""
+
+EMBEDDED_FAMILIES: dict[str, tuple[str, ...]] = {
+    # family -> variants; the first is the default
+    "cogvideox": ("5b", "2b", "1.5"),
+    "hunyuan-video": ("t2v",),
+}
+
+EMBEDDED_MODEL_IDS: Mapping[str, tuple[str, str]] = MappingProxyType(
+    {
+        "embedded:cogvideox": ("cogvideox", "5b"),
+        "embedded:cogvideox-5b": ("cogvideox", "5b"),
+        "embedded:cogvideox-2b": ("cogvideox", "2b"),
+        "embedded:cogvideox-1.5": ("cogvideox", "1.5"),
+        "embedded:hunyuan-video": ("hunyuan-video", "t2v"),
+    }
+)
+"""Model names :func:`load_pipeline` resolves to an embedded pipeline: name -> (family, variant)."""
+
+DEMO_CALL_ARGS: Mapping[str, Mapping[str, object]] = MappingProxyType(
+    {
+        # 5 latent frames of 8 x 8 tokens (1.5: 3 temporal patches after padding to 6 latent frames)
+        "cogvideox": MappingProxyType(
+            {
+                "height": 32,
+                "width": 32,
+                "num_frames": 9,
+                "num_inference_steps": 4,
+                "guidance_scale": 6.0,
+                "max_sequence_length": EMBEDDED_TEXT_LEN,
+            }
+        ),
+        # 5 latent frames of 8 x 8 tokens
+        "hunyuan-video": MappingProxyType(
+            {
+                "height": 32,
+                "width": 32,
+                "num_frames": 17,
+                "num_inference_steps": 4,
+                "guidance_scale": 6.0,
+                "max_sequence_length": EMBEDDED_TEXT_LEN,
+            }
+        ),
+    }
+)
+"""Recommended ``pipe(...)`` keyword arguments per family (pass a prompt and a generator too)."""
+
+# Words a simple video prompt uses, plus the words of HunyuanVideo's default
+# prompt template, so that neither turns into a run of <unk>.
+_WORDS = """
+a an the this that it its is are be and or with without of in on at to from into onto over under
+above below behind between through across around along toward towards near far by for as while
+then while one two three four five many some several few
+red orange yellow green blue purple violet pink white black gray grey brown gold silver dark
+bright light pale colorful colourful striped spotted transparent shiny
+circle circles square squares triangle triangles rectangle star stars dot dots line lines ball
+balls box boxes cube cubes sphere disk ring shape shapes object objects block blocks blob
+small large big tiny huge little long short tall wide thin thick round flat
+move moves moving moved slide slides sliding roll rolls rolling bounce bounces bouncing spin spins
+spinning rotate rotates rotating fall falls falling rise rises rising fly flies flying float floats
+floating drift drifts drifting grow grows growing shrink shrinks shrinking pulse pulses pulsing
+walk walks walking run runs running jump jumps jumping swim swims swimming zoom zooms zooming
+pan pans panning orbit orbits follow follows tracking static still
+left right up down forward backward back front top bottom center centre middle side edge corner
+slowly quickly fast slow smooth smoothly steady gently
+background foreground scene sky sea ocean water wave waves river lake beach sand grass field
+forest tree trees mountain mountains hill road street city building house room wall floor table
+cloud clouds sun moon night day sunset sunrise snow rain fire smoke light lights shadow shadows
+cat dog bird fish horse car boat plane train person man woman child people
+camera shot view close closeup wide aerial video frame image picture photo scene animation
+texture noise pattern gradient checkerboard grid
+describe detailing following aspects main content theme color shape size quantity text spatial
+relationships actions events behaviors temporal physical movement changes environment style
+atmosphere angles movements transitions used system user
+""".split()
+_PUNCTUATION = [".", ",", ":", ";", "!", "?", "-", "'", '"', "(", ")", "/"]
+_DIGITS = [str(d) for d in range(10)]
+
+
+def _vocabulary(special_tokens: list[str], extra_tokens: list[str] = ()) -> dict[str, int]:
+    """Special tokens first (ids 0..), then the fixed word list; order is part of the model."""
+    tokens = list(special_tokens) + list(extra_tokens) + _DIGITS + _PUNCTUATION
+    seen = set(tokens)
+    for word in _WORDS:
+        if word not in seen:
+            seen.add(word)
+            tokens.append(word)
+    return {token: index for index, token in enumerate(tokens)}
+
+
+def build_tokenizer(kind: str):
+    """A WordLevel tokenizer standing in for T5's, Llama 3's or CLIP's.
+
+    ``kind`` is ``"t5"``, ``"llama"`` or ``"clip"``. Text is lowercased and
+    split into words and single punctuation marks; unknown words map to the
+    unk token. The special tokens follow the real tokenizer:
+
+    - ``"t5"``: ``<pad>`` = 0, ``</s>`` = 1 appended, ``<unk>`` = 2 (as T5).
+    - ``"llama"``: ``<|begin_of_text|>`` prepended; the chat-template tokens
+      (``<|start_header_id|>``, ``<|end_header_id|>``, ``<|eot_id|>``) are atomic;
+      ``"\\n\\n"`` is a token and a space before a digit is its own token, as in
+      Llama 3's byte-level BPE. With these rules HunyuanVideo's default prompt
+      template tokenizes to exactly its ``crop_start`` of 95 tokens before the
+      prompt, so the pipeline's crop leaves the prompt and the closing
+      ``<|eot_id|>``, as with the real tokenizer.
+    - ``"clip"``: ``<|startoftext|>`` ... ``<|endoftext|>``, padded with
+      ``<|endoftext|>`` (CLIPTextModel pools at the first end-of-text token).
+
+    Padding is on the right, so a padded batch's attention mask is ones, then zeros.
+    """
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    words = r"\w+|[^\w\s]"
+    if kind == "t5":
+        vocab = _vocabulary(["<pad>", "</s>", "<unk>"])
+        specials = dict(pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+        template = processors.TemplateProcessing(
+            single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", vocab["</s>"])]
+        )
+        pattern = words
+        atomic = []
+    elif kind == "llama":
+        atomic = ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+        vocab = _vocabulary(["<|begin_of_text|>", "<|end_of_text|>", "<pad>", "<unk>", *atomic], ["\n\n", " "])
+        specials = dict(
+            bos_token="<|begin_of_text|>", eos_token="<|end_of_text|>", pad_token="<pad>", unk_token="<unk>"
+        )
+        bos_id = vocab["<|begin_of_text|>"]
+        template = processors.TemplateProcessing(
+            single="<|begin_of_text|> $A",
+            pair="<|begin_of_text|> $A <|begin_of_text|> $B",
+            special_tokens=[("<|begin_of_text|>", bos_id)],
+        )
+        pattern = words + r"|\n+| (?=\d)"
+    elif kind == "clip":
+        vocab = _vocabulary(["<|startoftext|>", "<|endoftext|>", "<unk>"])
+        specials = dict(
+            bos_token="<|startoftext|>", eos_token="<|endoftext|>", pad_token="<|endoftext|>", unk_token="<unk>"
+        )
+        template = processors.TemplateProcessing(
+            single="<|startoftext|> $A <|endoftext|>",
+            pair="<|startoftext|> $A <|endoftext|> $B <|endoftext|>",
+            special_tokens=[("<|startoftext|>", vocab["<|startoftext|>"]), ("<|endoftext|>", vocab["<|endoftext|>"])],
+        )
+        pattern = words
+        atomic = []
+    else:
+        raise ValueError(f"build_tokenizer: unknown kind {kind!r}; expected 't5', 'llama' or 'clip'")
+
+    backend = Tokenizer(models.WordLevel(vocab, unk_token=specials["unk_token"]))
+    backend.normalizer = normalizers.Lowercase()
+    # invert=True keeps the pattern's matches as the pieces and drops everything else (whitespace)
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex(pattern), behavior="removed", invert=True)
+    backend.post_processor = template
+    backend.decoder = decoders.WordPiece(prefix="##", cleanup=False)
+    backend.add_special_tokens(
+        [AddedToken(token, special=True, normalized=False) for token in [*set(specials.values()), *atomic]]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        padding_side="right",
+        truncation_side="right",
+        model_max_length=77 if kind == "clip" else 4096,
+        additional_special_tokens=atomic or None,
+        **specials,
+    )
+
+
+def _seeded(seed: int, offset: int, make):
+    """Build one module with the global RNG seeded, without disturbing the caller's RNG."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed * 1000 + offset)
+        module = make()
+    return module.eval().requires_grad_(False)
+
+
+def _build_cogvideox(variant: str, seed: int):
+    from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXPipeline, CogVideoXTransformer3DModel
+    from transformers import T5Config, T5EncoderModel
+
+    is_v15 = variant == "1.5"
+    tokenizer = build_tokenizer("t5")
+    text_dim = 32
+    t5_config = T5Config(
+        vocab_size=len(tokenizer),
+        d_model=text_dim,
+        d_kv=8,
+        d_ff=64,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=32,
+        feed_forward_proj="gated-gelu",
+        is_encoder_decoder=False,
+        use_cache=False,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.pad_token_id,
+    )
+    text_encoder = _seeded(seed, 1, lambda: T5EncoderModel(t5_config))
+
+    spatial_ratio, temporal_ratio = 2, 2
+    vae = _seeded(
+        seed,
+        2,
+        lambda: AutoencoderKLCogVideoX(
+            in_channels=3,
+            out_channels=3,
+            # len(block_out_channels) - 1 downsamples: 2x space; the first compresses time too
+            down_block_types=("CogVideoXDownBlock3D",) * 2,
+            up_block_types=("CogVideoXUpBlock3D",) * 2,
+            block_out_channels=(8, 16),
+            latent_channels=4,
+            layers_per_block=1,
+            norm_num_groups=4,
+            temporal_compression_ratio=temporal_ratio,
+            sample_height=32,
+            sample_width=32,
+            scaling_factor=1.15258426 if variant == "2b" else 0.7,
+            invert_scale_latents=is_v15,
+        ),
+    )
+    # The real 1.5's sample size is a RoPE table bound ("slice" grid), larger than typical outputs.
+    sample_latent = 32 if is_v15 else 16
+    transformer = _seeded(
+        seed,
+        3,
+        lambda: CogVideoXTransformer3DModel(
+            num_attention_heads=4,
+            attention_head_dim=16,  # RoPE splits it 4 (t) + 6 (h) + 6 (w), each even
+            in_channels=4,
+            out_channels=4,
+            time_embed_dim=32,
+            text_embed_dim=text_dim,
+            num_layers=2,
+            sample_width=sample_latent,
+            sample_height=sample_latent,
+            sample_frames=9,
+            patch_size=2,
+            patch_size_t=2 if is_v15 else None,
+            patch_bias=not is_v15,
+            # read by the sin-cos table to turn latent frames back into video frames: must match the VAE
+            temporal_compression_ratio=temporal_ratio,
+            max_text_seq_length=EMBEDDED_TEXT_LEN,
+            use_rotary_positional_embeddings=variant != "2b",
+            use_learned_positional_embeddings=False,
+        ),
+    )
+    # Scheduler configs of THUDM/CogVideoX-2b / -5b / CogVideoX1.5-5B (2B trained with SNR shift 3).
+    scheduler = CogVideoXDDIMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=True,
+        steps_offset=0,
+        prediction_type="v_prediction",
+        timestep_spacing="trailing",
+        rescale_betas_zero_snr=True,
+        snr_shift_scale=3.0 if variant == "2b" else 1.0,
+    )
+    assert vae.config.temporal_compression_ratio == temporal_ratio
+    assert 2 ** (len(vae.config.block_out_channels) - 1) == spatial_ratio
+    return CogVideoXPipeline(
+        tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=scheduler
+    )
+
+
+def _build_hunyuan_video(variant: str, seed: int):
+    from diffusers import (
+        AutoencoderKLHunyuanVideo,
+        FlowMatchEulerDiscreteScheduler,
+        HunyuanVideoPipeline,
+        HunyuanVideoTransformer3DModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, LlamaConfig, LlamaModel
+
+    tokenizer = build_tokenizer("llama")
+    tokenizer_2 = build_tokenizer("clip")
+    llama_dim, clip_dim = 32, 32
+    llama_config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=llama_dim,
+        intermediate_size=64,
+        # the pipeline reads hidden_states[-3]: with 3 layers that is layer 1's output, not the embeddings
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        use_cache=False,
+    )
+    text_encoder = _seeded(seed, 1, lambda: LlamaModel(llama_config))
+    clip_config = CLIPTextConfig(
+        vocab_size=len(tokenizer_2),
+        hidden_size=clip_dim,
+        intermediate_size=64,
+        projection_dim=clip_dim,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        bos_token_id=tokenizer_2.bos_token_id,
+        eos_token_id=tokenizer_2.eos_token_id,
+        pad_token_id=tokenizer_2.pad_token_id,
+    )
+    text_encoder_2 = _seeded(seed, 2, lambda: CLIPTextModel(clip_config))
+    vae = _seeded(
+        seed,
+        3,
+        lambda: AutoencoderKLHunyuanVideo(
+            in_channels=3,
+            out_channels=3,
+            latent_channels=4,
+            down_block_types=("HunyuanVideoDownBlock3D",) * 3,
+            up_block_types=("HunyuanVideoUpBlock3D",) * 3,
+            block_out_channels=(8, 16, 16),
+            layers_per_block=1,
+            norm_num_groups=4,
+            scaling_factor=0.476986,
+            spatial_compression_ratio=2,
+            temporal_compression_ratio=4,  # the only ratios the HunyuanVideo VAE takes are 4 and 8
+            mid_block_add_attention=True,
+        ),
+    )
+    transformer = _seeded(
+        seed,
+        4,
+        lambda: HunyuanVideoTransformer3DModel(
+            in_channels=4,
+            out_channels=4,
+            num_attention_heads=4,
+            attention_head_dim=16,
+            num_layers=2,
+            num_single_layers=2,
+            num_refiner_layers=1,
+            mlp_ratio=4.0,
+            patch_size=2,
+            patch_size_t=1,
+            qk_norm="rms_norm",
+            guidance_embeds=True,
+            text_embed_dim=llama_dim,
+            pooled_projection_dim=clip_dim,
+            rope_theta=256.0,
+            rope_axes_dim=(4, 6, 6),  # (t, h, w); must sum to attention_head_dim
+        ),
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=7.0)
+    return HunyuanVideoPipeline(
+        tokenizer=tokenizer,
+        text_encoder=text_encoder,
+        tokenizer_2=tokenizer_2,
+        text_encoder_2=text_encoder_2,
+        vae=vae,
+        transformer=transformer,
+        scheduler=scheduler,
+    )
+
+
+_BUILDERS = {"cogvideox": _build_cogvideox, "hunyuan-video": _build_hunyuan_video}
+
+
+def build_embedded_pipeline(
+    family: str = "cogvideox",
+    *,
+    variant: str | None = None,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    transformer_weights: str | os.PathLike | None = None,
+):
+    """Build a small, deterministic diffusers video pipeline on the CPU.
+
+    Args:
+        family: ``"cogvideox"`` (a ``CogVideoXPipeline``) or ``"hunyuan-video"``
+            (a ``HunyuanVideoPipeline``).
+        variant: for ``"cogvideox"``: ``"5b"`` (RoPE, the default), ``"2b"``
+            (sin-cos positions, no RoPE) or ``"1.5"`` (RoPE with
+            ``patch_size_t=2``). ``"hunyuan-video"`` has one variant, ``"t2v"``.
+        seed: every weight is a function of it; the caller's RNG state is left alone.
+        dtype: the modules' dtype (they are built in float32, then cast).
+        transformer_weights: a ``.safetensors`` state dict to load into the
+            transformer (e.g. a trained reference model). Its keys and shapes
+            must match the embedded transformer exactly.
+
+    Recommended call sizes are :data:`DEMO_CALL_ARGS[family] <DEMO_CALL_ARGS>`:
+    32 x 32 pixels, 9 frames (CogVideoX) or 17 frames (HunyuanVideo), 4 steps,
+    ``max_sequence_length=EMBEDDED_TEXT_LEN``; both give 5 latent frames of
+    8 x 8 tokens. Other sizes work within the constraints in the module docstring.
+    """
+    if family not in EMBEDDED_FAMILIES:
+        raise ValueError(f"unknown embedded family {family!r}; expected one of {sorted(EMBEDDED_FAMILIES)}")
+    variants = EMBEDDED_FAMILIES[family]
+    variant = variants[0] if variant is None else variant
+    if variant not in variants:
+        raise ValueError(f"unknown variant {variant!r} for family {family!r}; expected one of {list(variants)}")
+    pipe = _BUILDERS[family](variant, seed)
+    if transformer_weights is not None:
+        _load_transformer_weights(pipe.transformer, Path(transformer_weights))
+    if dtype != torch.float32:
+        # nn.Module.to, not ModelMixin.to: the latter warns about fp32-pinned modules even when there are none
+        for component in pipe.components.values():
+            if isinstance(component, torch.nn.Module):
+                torch.nn.Module.to(component, dtype=dtype)
+    return pipe
+
+
+def _load_transformer_weights(transformer: torch.nn.Module, path: Path) -> None:
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise FileNotFoundError(f"transformer_weights: no such file {str(path)!r}")
+    state = load_file(str(path))
+    expected = transformer.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ValueError(
+            f"transformer_weights {str(path)!r} does not fit the embedded {type(transformer).__name__}: "
+            f"{len(missing)} missing keys (first: {missing[:3]}), {len(unexpected)} unexpected keys "
+            f"(first: {unexpected[:3]}). Was it trained with a different family, variant or size?"
+        )
+    wrong_shape = [
+        f"{key}: file {tuple(state[key].shape)} vs model {tuple(expected[key].shape)}"
+        for key in expected
+        if state[key].shape != expected[key].shape
+    ]
+    if wrong_shape:
+        raise ValueError(f"transformer_weights {str(path)!r}: shape mismatch in {len(wrong_shape)} tensors: {wrong_shape[:3]}")
+    transformer.load_state_dict(state, strict=True)
+
+
+def load_pipeline(model: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+    """Resolve a model name to a pipeline on ``device``.
+
+    ``model`` is one of :data:`EMBEDDED_MODEL_IDS` (built offline), a local
+    directory saved with ``save_pretrained``, or a hub id; the last two go to
+    ``DiffusionPipeline.from_pretrained(model, torch_dtype=dtype)`` unchanged.
+    """
+    if model in EMBEDDED_MODEL_IDS:
+        family, variant = EMBEDDED_MODEL_IDS[model]
+        return build_embedded_pipeline(family, variant=variant, dtype=dtype).to(device)
+    if model.startswith("embedded:"):
+        raise ValueError(f"unknown embedded model {model!r}; expected one of {sorted(EMBEDDED_MODEL_IDS)}")
+
+    from diffusers import DiffusionPipeline
+
+    local = Path(model).expanduser()
+    if local.is_dir():
+        if not (local / "model_index.json").is_file():
+            raise ValueError(
+                f"{str(local)!r} is a directory but not a diffusers pipeline (no model_index.json); "
+                "save one with pipe.save_pretrained(dir) or pass a hub id"
+            )
+        return DiffusionPipeline.from_pretrained(str(local), torch_dtype=dtype).to(device)
+    looks_like_path = model.startswith((".", "/", "~")) or model.count("/") > 1 or os.sep in model.replace("/", "")
+    if looks_like_path or local.exists():
+        raise FileNotFoundError(
+            f"model {model!r}: local directory {str(local.resolve())!r} does not exist. "
+            f"Pass an existing pipeline directory, a hub id (owner/name), or one of {sorted(EMBEDDED_MODEL_IDS)}."
+        )
+    try:
+        pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=dtype)
+    except Exception as error:  # hub errors come in many types (OSError, HTTPError, ValueError, ...)
+        raise OSError(
+            f"could not load model {model!r}: it is not a local directory ({str(local.resolve())!r} does not "
+            f"exist) and loading it as a hub id failed ({type(error).__name__}: {error}). Offline? Use a "
+            f"local directory, set HF_HUB_OFFLINE=1 with a filled cache, or one of {sorted(EMBEDDED_MODEL_IDS)}."
+        ) from error
+    return pipe.to(device)
