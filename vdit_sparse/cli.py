@@ -88,7 +88,7 @@ def _cmd_generate(args) -> int:
     import torch
 
     from .api import accelerate_pipeline
-    from .embedded import load_pipeline, demo_call_args
+    from .embedded import DEMO_CALL_ARGS, EMBEDDED_MODEL_IDS, load_pipeline
     from .metrics import psnr, relative_l2
     from .profile import load_profile
     from .video import write_video
@@ -97,7 +97,8 @@ def _cmd_generate(args) -> int:
     dtype_name = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
     profile = load_profile(args.profile)  # fail on a bad profile before loading a model
     pipe = load_pipeline(args.model, dtype=getattr(torch, dtype_name), device=device)
-    call_args = _call_args(args, demo_call_args(args.model))
+    embedded = EMBEDDED_MODEL_IDS.get(args.model)
+    call_args = _call_args(args, DEMO_CALL_ARGS[embedded[0]] if embedded else {})
 
     report: dict = {
         "model": args.model,

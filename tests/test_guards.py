@@ -1,0 +1,81 @@
+"""Misuse of accelerate_pipeline is refused with a message that says what to do."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vdit_sparse import ProfileError, accelerate_pipeline
+from vdit_sparse.api import StepTracker
+from vdit_sparse.embedded import build_embedded_pipeline
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return build_embedded_pipeline("cogvideox", seed=0)
+
+
+def test_second_application_is_refused(pipe):
+    with accelerate_pipeline(pipe, "dense"):
+        with pytest.raises(RuntimeError, match="already been applied.*'dense'.*remove"):
+            accelerate_pipeline(pipe, "sliding-frames")
+
+
+def test_compiled_transformer_is_refused(pipe):
+    original = pipe.transformer
+    pipe.transformer = torch.compile(original)
+    try:
+        with pytest.raises(RuntimeError, match="torch.compile"):
+            accelerate_pipeline(pipe, "dense")
+    finally:
+        pipe.transformer = original
+
+
+def test_unsupported_pipeline_is_refused():
+    class SomeImagePipeline:
+        transformer = torch.nn.Linear(2, 2)
+
+    with pytest.raises(TypeError, match="unsupported pipeline SomeImagePipeline.*CogVideoXPipeline.*HunyuanVideoPipeline"):
+        accelerate_pipeline(SomeImagePipeline(), "dense")
+
+
+def test_pipeline_without_transformer_is_refused():
+    class UNetPipeline:
+        unet = torch.nn.Linear(2, 2)
+
+    with pytest.raises(TypeError, match="no `transformer`"):
+        accelerate_pipeline(UNetPipeline(), "dense")
+
+
+def test_supported_pipeline_with_foreign_transformer_is_refused(pipe):
+    class CogVideoXPipeline:
+        transformer = torch.nn.Linear(2, 2)
+
+    with pytest.raises(TypeError, match="transformer of class Linear.*CogVideoXTransformer3DModel"):
+        accelerate_pipeline(CogVideoXPipeline(), "dense")
+
+
+def test_profile_for_a_bigger_model_is_refused(pipe):
+    with pytest.raises(ProfileError, match="42 attention layers, but this transformer has 2"):
+        accelerate_pipeline(pipe, {"method": "dense", "model": {"num_layers": 42}})
+    with pytest.raises(ProfileError, match="48 attention heads, but this transformer has 4"):
+        accelerate_pipeline(pipe, {"method": "dense", "model": {"num_heads": 48}})
+    # nothing was installed by the refused calls
+    accelerate_pipeline(pipe, "dense").remove()
+
+
+def test_step_tracker_matches_bf16_timesteps_to_the_schedule():
+    class Scheduler:
+        timesteps = torch.tensor([999, 979, 959, 939, 919])
+
+    tracker = StepTracker(Scheduler())
+    observed = [tracker.observe(torch.tensor([t], dtype=torch.bfloat16)) for t in Scheduler.timesteps.tolist()]
+    assert [(step, kind) for step, _, kind in observed] == [(i, 0) for i in range(5)]
+    assert tracker.observe(torch.tensor(979.0)) == (1, 5, 1)
+    tracker.reset()
+    assert tracker.observe(torch.tensor(979.0)) == (1, 5, 0)
+
+
+def test_step_tracker_without_a_schedule_counts_new_timesteps():
+    tracker = StepTracker(scheduler=None)
+    assert [tracker.observe(t)[0] for t in (5.0, 5.0, 3.0, 1.0)] == [0, 0, 1, 2]
