@@ -10,7 +10,7 @@ kernel and later method is checked against.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Optional
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +19,16 @@ from ..context import AttentionCall
 from ..patterns import frame_band_block_mask
 from .base import AttentionMethod, register_method
 
-__all__ = ["BlockSparseMethod", "SlidingFramesMethod", "masked_block_attention", "BACKENDS"]
+__all__ = [
+    "BACKENDS",
+    "BlockSparseMethod",
+    "BlockSparseParams",
+    "SlidingFramesMethod",
+    "block_sizes_for",
+    "masked_block_attention",
+    "resolve_backend",
+    "run_block_mask",
+]
 
 #: ``auto`` takes the Triton kernel on CUDA and the reference path elsewhere.
 BACKENDS = ("auto", "reference", "triton")
@@ -54,15 +63,49 @@ def masked_block_attention(
 
 @dataclass
 class BlockSparseParams:
-    block_size: int = 64
+    #: Tokens per query and key block; None picks the kernel's preferred sizes
+    #: for the head dim on the Triton backend and 64 on the reference path.
+    block_size: Optional[int] = None
     backend: str = "auto"
 
     def validate(self) -> str | None:
-        if self.block_size not in BLOCK_SIZES:
-            return f"field 'block_size' must be one of {BLOCK_SIZES}, got {self.block_size}"
+        if self.block_size is not None and self.block_size not in BLOCK_SIZES:
+            return f"field 'block_size' must be one of {BLOCK_SIZES} or null, got {self.block_size}"
         if self.backend not in BACKENDS:
             return f"field 'backend' must be one of {BACKENDS}, got {self.backend!r}"
         return None
+
+
+def resolve_backend(backend: str, q: torch.Tensor) -> str:
+    """``auto`` -> ``triton`` for CUDA tensors, ``reference`` otherwise."""
+    if backend == "auto":
+        return "triton" if q.is_cuda else "reference"
+    return backend
+
+
+def block_sizes_for(params: BlockSparseParams, backend: str, head_dim: int) -> tuple[int, int]:
+    """(block_m, block_n) for one call: the profile's choice, else the backend's default."""
+    if params.block_size is not None:
+        return params.block_size, params.block_size
+    if backend == "triton":
+        from ..kernels.block_sparse_attention import default_block_sizes
+
+        return default_block_sizes(head_dim)
+    return 64, 64
+
+
+def run_block_mask(q, k, v, mask, block_m, block_n, key_padding_mask, backend) -> torch.Tensor:
+    """Attention of q, k, v ``(B, H, S, D)`` under a block mask ``(Bm, Hm, nQB, nKB)`` on one backend."""
+    if backend == "reference":
+        return masked_block_attention(q, k, v, mask, block_m, block_n, key_padding_mask)
+    from ..kernels.block_sparse_attention import block_sparse_attention
+    from ..kernels.indices import block_mask_to_indices
+
+    heads = q.shape[1]
+    indices, counts = block_mask_to_indices(mask.expand(mask.shape[0], heads, *mask.shape[2:]))
+    return block_sparse_attention(
+        q, k, v, indices, counts, block_m=block_m, block_n=block_n, key_padding_mask=key_padding_mask
+    )
 
 
 class BlockSparseMethod(AttentionMethod):
@@ -70,27 +113,17 @@ class BlockSparseMethod(AttentionMethod):
 
     Params: ClassVar[type] = BlockSparseParams
 
-    def block_mask(self, q: torch.Tensor, k: torch.Tensor, call: AttentionCall) -> torch.Tensor:
+    def block_mask(self, q: torch.Tensor, k: torch.Tensor, call: AttentionCall, block_m: int, block_n: int) -> torch.Tensor:
         """Bool ``(Bm, Hm, num_q_blocks, num_kv_blocks)`` with ``Bm`` in {1, B}, ``Hm`` in {1, H}."""
         raise NotImplementedError
 
     def attend(self, q, k, v, call):
-        mask = self.block_mask(q, k, call)
-        size = self.params.block_size
+        backend = resolve_backend(self.params.backend, q)
+        block_m, block_n = block_sizes_for(self.params, backend, q.shape[-1])
+        mask = self.block_mask(q, k, call, block_m, block_n)
         batch, heads, seq_len, _ = q.shape
         call.stats.record(self.name, mask.float().mean().item(), batch * heads, seq_len)
-        backend = self.params.backend
-        if backend == "auto":
-            backend = "triton" if q.is_cuda else "reference"
-        if backend == "reference":
-            return masked_block_attention(q, k, v, mask, size, size, call.key_padding_mask)
-        from ..kernels import block_sparse_attention, block_mask_to_indices
-
-        full = mask.expand(mask.shape[0], heads, *mask.shape[2:])
-        indices, counts = block_mask_to_indices(full)
-        return block_sparse_attention(
-            q, k, v, indices, counts, block_m=size, block_n=size, key_padding_mask=call.key_padding_mask
-        )
+        return run_block_mask(q, k, v, mask, block_m, block_n, call.key_padding_mask, backend)
 
 
 @dataclass
@@ -119,10 +152,9 @@ class SlidingFramesMethod(BlockSparseMethod):
         super().__init__(params)
         self._masks: dict = {}
 
-    def block_mask(self, q, k, call):
-        key = (call.layout, q.device)
+    def block_mask(self, q, k, call, block_m, block_n):
+        key = (call.layout, block_m, block_n, q.device)
         if key not in self._masks:
-            size = self.params.block_size
-            mask = frame_band_block_mask(call.layout, size, size, self.params.window_frames, device=q.device)
+            mask = frame_band_block_mask(call.layout, block_m, block_n, self.params.window_frames, device=q.device)
             self._masks[key] = mask[None, None]
         return self._masks[key]
