@@ -110,7 +110,9 @@ DEMO_CALL_ARGS: Mapping[str, Mapping[str, object]] = MappingProxyType(
 """Recommended ``pipe(...)`` keyword arguments per family (pass a prompt and a generator too)."""
 
 # Words a simple video prompt uses, plus the words of HunyuanVideo's default
-# prompt template, so that neither turns into a run of <unk>.
+# prompt template, so that neither turns into a run of <unk>. Treat the list as
+# frozen: it fixes token ids and the vocabulary size, hence the text encoders'
+# random weights, hence every embedded video and any transformer trained on them.
 _WORDS = """
 a an the this that it its is are be and or with without of in on at to from into onto over under
 above below behind between through across around along toward towards near far by for as while
@@ -444,7 +446,8 @@ def build_embedded_pipeline(
             (sin-cos positions, no RoPE) or ``"1.5"`` (RoPE with
             ``patch_size_t=2``). ``"hunyuan-video"`` has one variant, ``"t2v"``.
         seed: every weight is a function of it; the caller's RNG state is left alone.
-        dtype: the modules' dtype (they are built in float32, then cast).
+        dtype: the modules' dtype (they are built in float32, then cast). All
+            modules are in eval mode with ``requires_grad`` off.
         transformer_weights: a ``.safetensors`` state dict to load into the
             transformer (e.g. a trained reference model). Its keys and shapes
             must match the embedded transformer exactly.
@@ -492,7 +495,9 @@ def _load_transformer_weights(transformer: torch.nn.Module, path: Path) -> None:
         if state[key].shape != expected[key].shape
     ]
     if wrong_shape:
-        raise ValueError(f"transformer_weights {str(path)!r}: shape mismatch in {len(wrong_shape)} tensors: {wrong_shape[:3]}")
+        raise ValueError(
+            f"transformer_weights {str(path)!r}: shape mismatch in {len(wrong_shape)} tensors: {wrong_shape[:3]}"
+        )
     transformer.load_state_dict(state, strict=True)
 
 
@@ -510,7 +515,11 @@ def load_pipeline(model: str, dtype: torch.dtype = torch.float32, device: str | 
         raise ValueError(f"unknown embedded model {model!r}; expected one of {sorted(EMBEDDED_MODEL_IDS)}")
 
     from diffusers import DiffusionPipeline
+    from diffusers.utils import deprecation_utils
 
+    # diffusers 0.42 renamed from_pretrained's torch_dtype to dtype (the old name warns);
+    # older releases know only torch_dtype
+    dtype_kwarg = {"dtype" if hasattr(deprecation_utils, "_resolve_dtype") else "torch_dtype": dtype}
     local = Path(model).expanduser()
     if local.is_dir():
         if not (local / "model_index.json").is_file():
@@ -518,15 +527,16 @@ def load_pipeline(model: str, dtype: torch.dtype = torch.float32, device: str | 
                 f"{str(local)!r} is a directory but not a diffusers pipeline (no model_index.json); "
                 "save one with pipe.save_pretrained(dir) or pass a hub id"
             )
-        return DiffusionPipeline.from_pretrained(str(local), torch_dtype=dtype).to(device)
-    looks_like_path = model.startswith((".", "/", "~")) or model.count("/") > 1 or os.sep in model.replace("/", "")
+        return DiffusionPipeline.from_pretrained(str(local), **dtype_kwarg).to(device)
+    # a hub id is "name" or "owner/name"; anything else that names a path must exist locally
+    looks_like_path = model.startswith((".", "/", "~")) or model.count("/") > 1 or "\\" in model
     if looks_like_path or local.exists():
         raise FileNotFoundError(
             f"model {model!r}: local directory {str(local.resolve())!r} does not exist. "
             f"Pass an existing pipeline directory, a hub id (owner/name), or one of {sorted(EMBEDDED_MODEL_IDS)}."
         )
     try:
-        pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=dtype)
+        pipe = DiffusionPipeline.from_pretrained(model, **dtype_kwarg)
     except Exception as error:  # hub errors come in many types (OSError, HTTPError, ValueError, ...)
         raise OSError(
             f"could not load model {model!r}: it is not a local directory ({str(local.resolve())!r} does not "
