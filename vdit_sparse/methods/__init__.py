@@ -8,11 +8,13 @@ Methods register themselves by name; profiles name them.
 from .base import AttentionMethod, get_method_class, method_names, register_method
 from .dense import DenseMethod
 from .block_sparse import BlockSparseMethod, SlidingFramesMethod, masked_block_attention
+from .svg import SVGMethod
 
 __all__ = [
     "AttentionMethod",
     "BlockSparseMethod",
     "DenseMethod",
+    "SVGMethod",
     "SlidingFramesMethod",
     "get_method_class",
     "masked_block_attention",

@@ -1,0 +1,92 @@
+"""Sparse VideoGen: head classification, the layout transformation, and exactness at density 1."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import run_pipeline
+from vdit_sparse import accelerate_pipeline
+from vdit_sparse.geometry import LatentGrid, TokenLayout
+from vdit_sparse.methods import masked_block_attention
+from vdit_sparse.methods.svg import band_half_width, permute_heads, svg_token_masks
+from vdit_sparse.patterns import diagonal_band_block_mask, frame_to_position_permutation
+
+LAYOUT = TokenLayout(LatentGrid(6, 4, 5), 7, "prefix")
+
+
+def test_reference_permutation_round_trips_selected_heads_only():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, LAYOUT.seq_len, 8)
+    perm = frame_to_position_permutation(LAYOUT)
+    selected = torch.tensor([[True, False, True], [False, False, True]])
+    moved = permute_heads(x, perm, selected, inverse=False, backend="reference")
+    assert torch.equal(moved[0, 0], x[0, 0, perm]) and torch.equal(moved[0, 1], x[0, 1])
+    assert torch.equal(permute_heads(moved, perm, selected, inverse=True, backend="reference"), x)
+
+
+def test_token_masks_equal_attending_in_the_permuted_order():
+    """The reference masks (frame-major) say exactly what permute -> band -> unpermute computes."""
+    torch.manual_seed(1)
+    q, k, v = torch.randn(3, 2, 3, LAYOUT.seq_len, 16).unbind(0)
+    block = 8
+    mask = diagonal_band_block_mask(LAYOUT, block, band_half_width(LAYOUT, 0.3))
+    temporal = torch.tensor([[True, False, True], [False, True, False]])
+    token_mask = svg_token_masks(LAYOUT, mask, temporal, block, block)
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=token_mask)
+
+    perm = frame_to_position_permutation(LAYOUT)
+    qp, kp, vp = (permute_heads(t, perm, temporal, inverse=False, backend="reference") for t in (q, k, v))
+    out = masked_block_attention(qp, kp, vp, mask[None, None], block, block)
+    out = permute_heads(out, perm, temporal, inverse=True, backend="reference")
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
+
+
+def test_temporal_mask_keeps_same_position_across_frames():
+    block = 4
+    mask = diagonal_band_block_mask(LAYOUT, block, band_half_width(LAYOUT, 0.25))
+    token_mask = svg_token_masks(LAYOUT, mask, torch.tensor([[True]]), block, block)[0, 0]
+    frames_per = LAYOUT.grid.tokens_per_frame
+    query = LAYOUT.video_start + 2 * frames_per + 7  # frame 2, position 7
+    same_position = LAYOUT.video_start + torch.arange(LAYOUT.grid.frames) * frames_per + 7
+    assert token_mask[query, same_position].all()
+    assert token_mask[query, : LAYOUT.text_length].all()  # text columns stay dense
+
+
+@pytest.mark.parametrize("family", ["cogvideox", "hunyuan-video"])
+def test_svg_at_density_one_reproduces_dense(family):
+    from vdit_sparse.embedded import build_embedded_pipeline
+
+    pipe = build_embedded_pipeline(family, seed=0)
+    reference = run_pipeline(pipe)
+    profile = {"method": "svg", "params": {"density": 1.0, "backend": "reference", "block_size": 16}}
+    with accelerate_pipeline(pipe, profile) as handle:
+        output = run_pipeline(pipe)
+        assert handle.stats.calls == {"svg": 4 * handle.num_layers}
+    assert (output - reference).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("family", ["cogvideox", "hunyuan-video"])
+def test_svg_changes_output_and_reuses_decisions(family):
+    from vdit_sparse.embedded import build_embedded_pipeline
+
+    pipe = build_embedded_pipeline(family, seed=0)
+    reference = run_pipeline(pipe)
+    profile = {"method": "svg", "params": {"density": 0.2, "backend": "reference", "block_size": 16, "reprofile_every": 2}}
+    with accelerate_pipeline(pipe, profile) as handle:
+        method = handle._methods[0]
+        classified = []
+        original = method.head_kinds.__func__
+
+        def spy(self, q, k, v, call, *rest):
+            before = dict(self._decisions)
+            kinds = original(self, q, k, v, call, *rest)
+            classified.append(before.get(call.cache_key) is None or before[call.cache_key][1] is not kinds)
+            return kinds
+
+        method.head_kinds = spy.__get__(method)
+        output = run_pipeline(pipe)
+        assert handle.stats.computed_fraction < 0.7
+    # 4 steps, reprofile every 2: classify at steps 0 and 2 of each layer, reuse at 1 and 3.
+    assert classified == [True] * handle.num_layers + [False] * handle.num_layers + [True] * handle.num_layers + [False] * handle.num_layers
+    assert torch.isfinite(output).all() and not torch.equal(output, reference)

@@ -1,0 +1,229 @@
+"""Sparse VideoGen (SVG): each head is spatial or temporal, decided online.
+
+Paper: Xi et al., "Sparse VideoGen: Accelerating Video Diffusion Transformers
+with Spatial-Temporal Sparsity", ICML 2025 (arXiv:2502.01776).
+
+A *spatial* head attends to tokens near the query in frame-major order: its
+own frame and the frames around it.  A *temporal* head attends to the same
+spatial position across frames: in frame-major order those keys are a frame
+apart, but after transposing the video span to position-major order
+(``(frame, position) -> (position, frame)``) they are neighbours.  So both
+kinds use one block mask, a band around the diagonal holding ``density`` of
+the video query-key pairs, each in its own token order; a temporal head is permuted
+before the block-sparse kernel and permuted back after ("layout
+transformation").  Text rows and columns stay dense.
+
+Which kind a head is comes from online profiling: ``num_samples`` query rows,
+spread over the whole video, get their exact attention output and the output
+under each of the two masks; the kind with the smaller mean squared error
+wins, per head and per batch element (conditional and unconditional halves of
+a CFG batch may differ).  The decision is kept per ``(layer, call kind)`` and
+reused for ``reprofile_every`` steps.
+
+Example profile::
+
+    method: svg
+    params: {density: 0.2, num_samples: 64, reprofile_every: 1}
+    dense_warmup_fraction: 0.25
+    dense_layers: [0]
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..context import AttentionCall
+from ..geometry import TokenLayout
+from ..patterns import diagonal_band_block_mask, frame_to_position_permutation
+from .base import register_method
+from .block_sparse import (
+    BlockSparseMethod,
+    BlockSparseParams,
+    block_sizes_for,
+    resolve_backend,
+)
+
+__all__ = ["SVGMethod", "SVGParams", "classify_heads", "svg_token_masks"]
+
+HEAD_KINDS = ("auto", "spatial", "temporal")
+
+
+@dataclass
+class SVGParams(BlockSparseParams):
+    #: Fraction of the video query-key pairs kept (the band's area, before lifting to blocks).
+    density: float = 0.2
+    #: Query rows sampled per call to classify the heads.
+    num_samples: int = 64
+    #: Classify every this many steps, reusing the decision in between.
+    reprofile_every: int = 1
+    #: "auto" classifies; "spatial" or "temporal" forces every head (baselines).
+    head_kind: str = "auto"
+
+    def validate(self) -> str | None:
+        if not 0.0 < self.density <= 1.0:
+            return f"field 'density' must be in (0, 1], got {self.density}"
+        if self.num_samples < 1:
+            return f"field 'num_samples' must be >= 1, got {self.num_samples}"
+        if self.reprofile_every < 1:
+            return f"field 'reprofile_every' must be >= 1, got {self.reprofile_every}"
+        if self.head_kind not in HEAD_KINDS:
+            return f"field 'head_kind' must be one of {HEAD_KINDS}, got {self.head_kind!r}"
+        return super().validate()
+
+
+def band_half_width(layout: TokenLayout, density: float) -> int:
+    """Half-width ``w`` of the band ``|i - j| <= w`` that holds ``density`` of the video query-key pairs.
+
+    The band's share of an ``N x N`` square is ``1 - (1 - w / N) ** 2``; solving
+    for ``w`` gives the value below, and ``density`` 1 gives the full square.
+    """
+    n = layout.grid.num_tokens
+    return math.ceil(n * (1.0 - math.sqrt(1.0 - density)))
+
+
+def sample_rows(layout: TokenLayout, num_samples: int, device) -> torch.Tensor:
+    """``num_samples`` video query positions spread evenly over the whole video span."""
+    count = min(num_samples, layout.grid.num_tokens)
+    offsets = torch.linspace(0, layout.grid.num_tokens - 1, count, device=device).round().long()
+    return layout.video_start + offsets
+
+
+def _row_masks(
+    layout: TokenLayout, block_mask: torch.Tensor, rows: torch.Tensor, block_m: int, block_n: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token masks ``(R, S)`` of the sampled rows: spatial (frame-major) and temporal (mapped back from position-major)."""
+    seq_len = layout.seq_len
+    keys = torch.arange(seq_len, device=rows.device)
+    spatial = block_mask[rows // block_m][:, keys // block_n]
+    perm = frame_to_position_permutation(layout, device=rows.device)
+    where = torch.empty_like(perm)
+    where[perm] = torch.arange(seq_len, device=rows.device)  # where[t]: position of token t after permuting
+    temporal = block_mask[where[rows] // block_m][:, where[keys] // block_n]
+    return spatial, temporal
+
+
+def classify_heads(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: TokenLayout,
+    block_mask: torch.Tensor,
+    block_m: int,
+    block_n: int,
+    num_samples: int,
+    key_padding_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Bool ``(B, H)``: True where a head is better served by the temporal mask than the spatial one.
+
+    Costs three attention passes over ``num_samples`` query rows, in float32.
+    """
+    rows = sample_rows(layout, num_samples, q.device)
+    spatial, temporal = _row_masks(layout, block_mask, rows, block_m, block_n)
+    scores = (q[:, :, rows].float() @ k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5  # (B, H, R, S)
+    if key_padding_mask is not None:
+        scores = scores.masked_fill(~key_padding_mask[:, None, None, :], float("-inf"))
+    values = v.float()
+    exact = torch.softmax(scores, dim=-1) @ values
+    errors = []
+    for mask in (spatial, temporal):
+        approx = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1) @ values
+        errors.append((approx - exact).pow(2).mean(dim=(-1, -2)))
+    return errors[1] < errors[0]
+
+
+def svg_token_masks(layout: TokenLayout, block_mask: torch.Tensor, temporal: torch.Tensor, block_m: int, block_n: int) -> torch.Tensor:
+    """Token masks ``(B, H, S, S)`` in frame-major order that the SVG kernel path computes (reference only)."""
+    seq_len = layout.seq_len
+    tokens = torch.arange(seq_len, device=block_mask.device)
+    spatial = block_mask[tokens // block_m][:, tokens // block_n]
+    perm = frame_to_position_permutation(layout, device=block_mask.device)
+    where = torch.empty_like(perm)
+    where[perm] = tokens
+    temporal_mask = spatial[where][:, where]
+    return torch.where(temporal[:, :, None, None], temporal_mask, spatial)
+
+
+def permute_heads(x: torch.Tensor, perm: torch.Tensor, selected: torch.Tensor, *, inverse: bool, backend: str) -> torch.Tensor:
+    """Token order ``perm`` applied to the (batch, head) pairs ``selected`` ``(B, H)`` of ``x`` ``(B, H, S, D)``."""
+    if backend == "triton":
+        from ..kernels.permute import permute_tokens
+
+        return permute_tokens(x, perm, inverse=inverse, heads=selected)
+    table = torch.where(selected[..., None], perm, torch.arange(perm.numel(), device=perm.device))
+    if inverse:
+        inverse_table = torch.empty_like(table)
+        inverse_table.scatter_(-1, table, torch.arange(perm.numel(), device=perm.device).expand_as(table))
+        table = inverse_table
+    return x.gather(2, table[..., None].expand(*table.shape, x.shape[-1]))
+
+
+@register_method
+class SVGMethod(BlockSparseMethod):
+    name = "svg"
+    Params = SVGParams
+
+    def __init__(self, params):
+        super().__init__(params)
+        self._masks: dict = {}
+        self._decisions: dict[tuple[int, int], tuple[int, torch.Tensor]] = {}
+
+    def reset(self) -> None:
+        self._decisions.clear()
+
+    def block_mask(self, q, k, call, block_m, block_n):
+        key = (call.layout, block_m, block_n, q.device)
+        if key not in self._masks:
+            width = band_half_width(call.layout, self.params.density)
+            self._masks[key] = diagonal_band_block_mask(call.layout, block_m, width, kv_block_size=block_n, device=q.device)
+        return self._masks[key]
+
+    def head_kinds(self, q, k, v, call: AttentionCall, mask, block_m, block_n) -> torch.Tensor:
+        """Bool ``(B, H)``, True for temporal heads; classified or reused from an earlier step."""
+        batch, heads = q.shape[:2]
+        if self.params.head_kind != "auto":
+            return torch.full((batch, heads), self.params.head_kind == "temporal", device=q.device)
+        step = call.step.step_index
+        cached = self._decisions.get(call.cache_key)
+        if cached is not None and 0 <= step - cached[0] < self.params.reprofile_every and cached[1].shape == (batch, heads):
+            return cached[1]
+        temporal = classify_heads(
+            q, k, v, call.layout, mask, block_m, block_n, self.params.num_samples, call.key_padding_mask
+        )
+        self._decisions[call.cache_key] = (step, temporal)
+        return temporal
+
+    def attend(self, q, k, v, call):
+        backend = resolve_backend(self.params.backend, q)
+        block_m, block_n = block_sizes_for(self.params, backend, q.shape[-1])
+        mask = self.block_mask(q, k, call, block_m, block_n)
+        temporal = self.head_kinds(q, k, v, call, mask, block_m, block_n)
+        batch, heads, seq_len, _ = q.shape
+        call.stats.record(self.name, mask.float().mean().item(), batch * heads, seq_len)
+        if backend == "reference":
+            token_mask = svg_token_masks(call.layout, mask, temporal, block_m, block_n)
+            if call.key_padding_mask is not None:
+                token_mask = token_mask & call.key_padding_mask[:, None, None, :]
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=token_mask)
+        from ..kernels.block_sparse_attention import block_sparse_attention
+
+        perm, indices, counts = self._kernel_plan(call.layout, mask, block_m, block_n, heads)
+        q, k, v = (permute_heads(t, perm, temporal, inverse=False, backend=backend) for t in (q, k, v))
+        # The key-padding mask needs no permuting: padding is on text tokens, which stay in place.
+        out = block_sparse_attention(
+            q, k, v, indices, counts, block_m=block_m, block_n=block_n, key_padding_mask=call.key_padding_mask
+        )
+        return permute_heads(out, perm, temporal, inverse=True, backend=backend)
+
+    def _kernel_plan(self, layout, mask, block_m, block_n, heads):
+        """Permutation and kernel indices for one layout, built once (the mask is the same for every head)."""
+        key = ("plan", layout, block_m, block_n, heads, mask.device)
+        if key not in self._masks:
+            from ..kernels.indices import block_mask_to_indices
+
+            indices, counts = block_mask_to_indices(mask[None, None].expand(1, heads, *mask.shape))
+            self._masks[key] = (frame_to_position_permutation(layout, device=mask.device), indices, counts)
+        return self._masks[key]
