@@ -1,0 +1,79 @@
+"""Plain-PyTorch references for the kernels in this folder (small shapes, tests only).
+
+They build token-level masks (``S x S``) and are meant for checking, never for
+speed.  Same signatures and conventions as the kernels.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = [
+    "indices_to_block_mask",
+    "block_sparse_attention_reference",
+    "permute_tokens_reference",
+]
+
+
+def indices_to_block_mask(kv_block_indices: torch.Tensor, kv_block_counts: torch.Tensor, num_kv_blocks: int) -> torch.Tensor:
+    """Bool ``(Bi, H, nQB, num_kv_blocks)``: True where a key block is listed within the row's count."""
+    listed = torch.arange(kv_block_indices.shape[-1], device=kv_block_indices.device) < kv_block_counts[..., None].long()
+    mask = torch.zeros(*kv_block_indices.shape[:-1], num_kv_blocks + 1, dtype=torch.bool, device=kv_block_indices.device)
+    # Entries past the count go to a spare column that is dropped.
+    target = torch.where(listed, kv_block_indices.long(), num_kv_blocks)
+    mask.scatter_(-1, target, True)
+    return mask[..., :num_kv_blocks]
+
+
+def block_sparse_attention_reference(
+    q, k, v, kv_block_indices, kv_block_counts, *, block_m, block_n, scale=None,
+    key_padding_mask=None, return_lse=False, upcast=True,
+):
+    """Masked softmax attention with the block plan expanded to tokens.
+
+    ``upcast=True`` computes in float32 (float64 for float32 inputs): the
+    reference.  ``upcast=False`` computes in the inputs' dtype: the "plain
+    PyTorch in the same precision" baseline of the tests' tolerance rule.
+    """
+    batch, heads, seq_len, head_dim = q.shape
+    if scale is None:
+        scale = 1.0 / math.sqrt(head_dim)
+    num_kv_blocks = -(-seq_len // block_n)
+    block_mask = indices_to_block_mask(kv_block_indices, kv_block_counts, num_kv_blocks)
+    token_mask = block_mask.repeat_interleave(block_m, dim=-2)[..., :seq_len, :]
+    token_mask = token_mask.repeat_interleave(block_n, dim=-1)[..., :seq_len]
+    if key_padding_mask is not None:
+        token_mask = token_mask & key_padding_mask[:, None, None, :]
+    compute = (torch.float64 if q.dtype == torch.float32 else torch.float32) if upcast else q.dtype
+    qc, kc, vc = q.to(compute), k.to(compute), v.to(compute)
+    scores = (qc @ kc.transpose(-1, -2)) * scale
+    scores = scores.masked_fill(~token_mask, float("-inf"))
+    lse = torch.logsumexp(scores.float() if compute != torch.float64 else scores, dim=-1)
+    probs = torch.softmax(scores, dim=-1)
+    has_key = token_mask.any(dim=-1, keepdim=True)
+    probs = torch.where(has_key, probs, torch.zeros((), dtype=probs.dtype, device=probs.device))
+    out = (probs @ vc).to(q.dtype)
+    if return_lse:
+        return out, lse.float().expand(batch, heads, seq_len).contiguous()
+    return out
+
+
+def permute_tokens_reference(x: torch.Tensor, perm: torch.Tensor, inverse: bool = False, heads: torch.Tensor | None = None) -> torch.Tensor:
+    """``out[b, h, t] = x[b, h, perm[t]]`` (``inverse``: ``out[b, h, perm[t]] = x[b, h, t]``).
+
+    ``perm`` is ``(S,)`` or per-head ``(H, S)``; ``heads`` (bool ``(H,)``)
+    limits the permutation to the marked heads, the others are copied.
+    """
+    batch, num_heads, seq_len, head_dim = x.shape
+    perm = perm.long()
+    if perm.dim() == 1:
+        perm = perm.expand(num_heads, seq_len)
+    if heads is not None:
+        identity = torch.arange(seq_len, device=x.device).expand(num_heads, seq_len)
+        perm = torch.where(heads[:, None], perm, identity)
+    if inverse:
+        perm = torch.argsort(perm, dim=-1)
+    index = perm[None, :, :, None].expand(batch, num_heads, seq_len, head_dim)
+    return torch.gather(x, 2, index)
