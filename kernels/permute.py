@@ -34,7 +34,7 @@ def _permute_rows(
     X, O, PERM,
     stride_xb, stride_xh, stride_xs, stride_xd,
     stride_ob, stride_oh, stride_os,
-    stride_ph,
+    stride_pb, stride_ph,
     H, S,
     HEAD_DIM: tl.constexpr,
     BLOCK_S: tl.constexpr,
@@ -47,7 +47,7 @@ def _permute_rows(
     offs_t = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_t < S
-    src = tl.load(PERM + off_h * stride_ph + offs_t, mask=row_ok, other=0).to(tl.int64)
+    src = tl.load(PERM + off_b * stride_pb + off_h * stride_ph + offs_t, mask=row_ok, other=0).to(tl.int64)
     if SCATTER:
         rows_in = offs_t.to(tl.int64)
         rows_out = src
@@ -59,13 +59,14 @@ def _permute_rows(
     tl.store(p_o, tl.load(p_x, mask=row_ok[:, None], other=0.0), mask=row_ok[:, None])
 
 
-def _per_head_perm(perm: torch.Tensor, heads: torch.Tensor | None, num_heads: int, seq_len: int) -> torch.Tensor:
-    if perm.dim() == 1:
-        perm = perm.expand(num_heads, seq_len)
+def _perm_table(perm: torch.Tensor, heads: torch.Tensor | None, num_heads: int, seq_len: int) -> torch.Tensor:
+    """int32 ``(1 or B, H, S)``: the order each (batch, head) applies (identity where ``heads`` is False)."""
+    perm = perm.expand(num_heads, seq_len)
     if heads is not None:
-        identity = torch.arange(seq_len, device=perm.device).expand(num_heads, seq_len)
-        perm = torch.where(heads[:, None], perm, identity.to(perm.dtype))
-    return perm.to(torch.int32).contiguous()
+        selected = heads if heads.dim() == 2 else heads[None]
+        identity = torch.arange(seq_len, device=perm.device, dtype=perm.dtype)
+        perm = torch.where(selected[..., None], perm, identity)
+    return perm.reshape(-1, num_heads, seq_len).to(torch.int32).contiguous()
 
 
 def permute_tokens(x: torch.Tensor, perm: torch.Tensor, inverse: bool = False, *, heads: torch.Tensor | None = None) -> torch.Tensor:
@@ -73,8 +74,10 @@ def permute_tokens(x: torch.Tensor, perm: torch.Tensor, inverse: bool = False, *
 
     ``perm`` is a permutation of ``range(S)`` (not checked: that costs a sync),
     int32/int64, ``(S,)`` for every head or ``(H, S)`` per head.  ``heads``,
-    an optional bool ``(H,)``, permutes only the marked heads and copies the
-    rest.  ``inverse=True`` undoes the same call.  Returns a new contiguous tensor.
+    an optional bool ``(H,)`` or ``(B, H)``, permutes only the marked heads
+    (per batch entry with ``(B, H)``: the halves of a CFG batch may differ)
+    and copies the rest.  ``inverse=True`` undoes the same call.  Returns a
+    new contiguous tensor.
     """
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
         raise ValueError(f"x must be a 4-D tensor (B, H, S, D), got {tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
@@ -87,15 +90,21 @@ def permute_tokens(x: torch.Tensor, perm: torch.Tensor, inverse: bool = False, *
         raise ValueError(f"perm must have shape (S,) = ({seq_len},) or (H, S) = ({num_heads}, {seq_len}), got {tuple(perm.shape)}")
     if perm.device != x.device:
         raise ValueError(f"perm must be on x's device {x.device}, got {perm.device}")
-    if heads is not None and (heads.dtype != torch.bool or tuple(heads.shape) != (num_heads,) or heads.device != x.device):
-        raise ValueError(f"heads must be a bool tensor of shape (H,) = ({num_heads},) on {x.device}, got {heads.dtype} {tuple(heads.shape)} on {heads.device}")
-    table = _per_head_perm(perm, heads, num_heads, seq_len)
+    if heads is not None and (
+        heads.dtype != torch.bool or tuple(heads.shape) not in ((num_heads,), (batch, num_heads)) or heads.device != x.device
+    ):
+        raise ValueError(
+            f"heads must be a bool tensor of shape (H,) = ({num_heads},) or (B, H) = ({batch}, {num_heads}) "
+            f"on {x.device}, got {heads.dtype} {tuple(heads.shape)} on {heads.device}"
+        )
+    table = _perm_table(perm, heads, num_heads, seq_len)
     out = torch.empty((batch, num_heads, seq_len, head_dim), dtype=x.dtype, device=x.device)
     block_s = 64
     grid = (triton.cdiv(seq_len, block_s), batch * num_heads)
     kernel = kernel_for(_permute_rows, x.device)
     kernel[grid](
-        x, out, table, *x.stride(), *out.stride()[:3], table.stride(0), num_heads, seq_len,
+        x, out, table, *x.stride(), *out.stride()[:3],
+        table.stride(0) if table.shape[0] > 1 else 0, table.stride(1), num_heads, seq_len,
         HEAD_DIM=head_dim, BLOCK_S=block_s, SCATTER=inverse,
     )
     return out

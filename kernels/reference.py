@@ -63,17 +63,15 @@ def block_sparse_attention_reference(
 def permute_tokens_reference(x: torch.Tensor, perm: torch.Tensor, inverse: bool = False, heads: torch.Tensor | None = None) -> torch.Tensor:
     """``out[b, h, t] = x[b, h, perm[t]]`` (``inverse``: ``out[b, h, perm[t]] = x[b, h, t]``).
 
-    ``perm`` is ``(S,)`` or per-head ``(H, S)``; ``heads`` (bool ``(H,)``)
-    limits the permutation to the marked heads, the others are copied.
+    ``perm`` is ``(S,)`` or per-head ``(H, S)``; ``heads`` (bool ``(H,)`` or
+    ``(B, H)``) limits the permutation to the marked heads, the others are copied.
     """
     batch, num_heads, seq_len, head_dim = x.shape
-    perm = perm.long()
-    if perm.dim() == 1:
-        perm = perm.expand(num_heads, seq_len)
+    perm = perm.long().expand(num_heads, seq_len)
     if heads is not None:
-        identity = torch.arange(seq_len, device=x.device).expand(num_heads, seq_len)
-        perm = torch.where(heads[:, None], perm, identity)
+        selected = heads if heads.dim() == 2 else heads[None]
+        perm = torch.where(selected[..., None], perm, torch.arange(seq_len, device=x.device))
     if inverse:
         perm = torch.argsort(perm, dim=-1)
-    index = perm[None, :, :, None].expand(batch, num_heads, seq_len, head_dim)
+    index = perm.expand(batch, num_heads, seq_len)[..., None].expand(batch, num_heads, seq_len, head_dim)
     return torch.gather(x, 2, index)

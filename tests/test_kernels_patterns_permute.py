@@ -131,12 +131,15 @@ def test_permute_tokens_matches_reference(dtype, per_head, inverse):
     perm = torch.stack([torch.randperm(67, generator=gen) for _ in range(3)]) if per_head else torch.randperm(67, generator=gen)
     perm = perm.to(DEVICE)
     heads = torch.tensor([True, False, True], device=DEVICE)
-    for head_mask in (None, heads):
+    per_batch = torch.tensor([[True, False, True], [False, False, True]], device=DEVICE)
+    for head_mask in (None, heads, per_batch):
         got = permute_tokens(x, perm, inverse, heads=head_mask)
         assert got.is_contiguous()
         assert torch.equal(got, permute_tokens_reference(x, perm, inverse, head_mask))
         if head_mask is not None:
             assert torch.equal(got[:, 1], x[:, 1])
+        if head_mask is per_batch:  # head 0 moves in batch entry 0 only
+            assert torch.equal(got[1, 0], x[1, 0]) and not torch.equal(got[0, 0], x[0, 0])
         assert torch.equal(permute_tokens(got, perm, not inverse, heads=head_mask), x)
 
 
@@ -158,7 +161,7 @@ def test_frame_position_round_trip_keeps_text_and_accepts_views():
     [
         (torch.arange(10), None, r"perm must have shape \(S,\) = \(67,\) or \(H, S\) = \(3, 67\), got \(10,\)"),
         (torch.arange(67).float(), None, r"perm must be an int32/int64 tensor, got torch\.float32"),
-        (torch.arange(67), torch.ones(2, dtype=torch.bool), r"heads must be a bool tensor of shape \(H,\) = \(3,\)"),
+        (torch.arange(67), torch.ones(2, dtype=torch.bool), r"heads must be a bool tensor of shape \(H,\) = \(3,\) or \(B, H\)"),
     ],
     ids=["perm-shape", "perm-dtype", "heads-shape"],
 )

@@ -2,6 +2,7 @@
 
 ``vdit-sparse generate``  text-to-video under a profile, optionally beside dense
 ``vdit-sparse profiles``  the built-in profiles and what they do
+``vdit-sparse eval``      quality of profiles against dense: JSON, Markdown table, PNG plot
 """
 
 from __future__ import annotations
@@ -49,7 +50,34 @@ def _build_parser() -> argparse.ArgumentParser:
                      help="JSON summary to write (default: next to --out, same name with .json)")
 
     commands.add_parser("profiles", help="list the built-in profiles")
+    _add_eval_parser(commands)
     return parser
+
+
+def _add_eval_parser(commands) -> None:
+    ev = commands.add_parser("eval", help="score profiles against dense: PSNR, SSIM, latent L2, computed fraction")
+    ev.add_argument("--model", default=DEFAULT_MODEL,
+                    help=f"hub id, local directory or embedded:... (default {DEFAULT_MODEL})")
+    ev.add_argument("--profile", action="append", required=True, dest="profiles",
+                    help="built-in profile name or YAML path; repeat for several")
+    ev.add_argument("--prompt", action="append", dest="prompts", default=None,
+                    help="a prompt; repeat for several (default: the fixed set in vdit_sparse.evaluate)")
+    ev.add_argument("--prompts-file", type=Path, default=None, help="text file with one prompt a line")
+    ev.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ev.add_argument("--frames", type=int, default=None, help="video frames (default: the model's demo size)")
+    ev.add_argument("--height", type=int, default=None)
+    ev.add_argument("--width", type=int, default=None)
+    ev.add_argument("--steps", type=int, default=None, help="denoising steps")
+    ev.add_argument("--guidance-scale", type=float, default=None)
+    ev.add_argument("--negative-prompt", default=None)
+    ev.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    ev.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                    help="default: bfloat16 on cuda, float32 on cpu")
+    ev.add_argument("--no-warmup", action="store_true",
+                    help="skip the untimed warm-up runs (wall times then include compilation and first-call costs)")
+    ev.add_argument("--out-dir", type=Path, default=None,
+                    help="where results.json, results.md and psnr_vs_computed.png go "
+                    "(default: benchmarks/results/quality-<model>)")
 
 
 def _call_args(args, family_defaults: dict) -> dict:
@@ -159,6 +187,40 @@ def _cmd_profiles(args) -> int:
     return 0
 
 
+def _cmd_eval(args) -> int:
+    import re
+
+    import torch
+
+    from .embedded import DEMO_CALL_ARGS, EMBEDDED_MODEL_IDS, load_pipeline
+    from .evaluate import DEFAULT_PROMPTS, evaluate_profiles, write_report
+    from .profile import load_profile
+
+    prompts = list(args.prompts or [])
+    if args.prompts_file is not None:
+        if not args.prompts_file.is_file():
+            raise SystemExit(f"error: --prompts-file {str(args.prompts_file)!r} does not exist")
+        prompts += [line.strip() for line in args.prompts_file.read_text().splitlines() if line.strip()]
+    prompts = prompts or list(DEFAULT_PROMPTS)
+    profiles = [load_profile(profile) for profile in args.profiles]  # fail on a bad profile before loading a model
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype_name = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+    embedded = EMBEDDED_MODEL_IDS.get(args.model)
+    call_args = _call_args(args, DEMO_CALL_ARGS[embedded[0]] if embedded else {})
+    out_dir = args.out_dir or Path("benchmarks/results") / ("quality-" + re.sub(r"[^A-Za-z0-9._-]+", "-", args.model))
+
+    pipe = load_pipeline(args.model, dtype=getattr(torch, dtype_name), device=device)
+    pipe.set_progress_bar_config(disable=True)
+    results = evaluate_profiles(
+        pipe, profiles, prompts, args.seeds, call_args, model_name=args.model, warmup=not args.no_warmup, progress=print
+    )
+    results["device"], results["dtype"] = device, dtype_name
+    paths = write_report(results, out_dir)
+    print(paths["markdown"].read_text())
+    print(f"wrote {paths['json']}, {paths['markdown']} and {paths['plot']}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     from .profile import ProfileError
@@ -166,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "generate":
             return _cmd_generate(args)
+        if args.command == "eval":
+            return _cmd_eval(args)
         return _cmd_profiles(args)
     except ProfileError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -153,12 +153,9 @@ def permute_heads(x: torch.Tensor, perm: torch.Tensor, selected: torch.Tensor, *
         from ..kernels.permute import permute_tokens
 
         return permute_tokens(x, perm, inverse=inverse, heads=selected)
-    table = torch.where(selected[..., None], perm, torch.arange(perm.numel(), device=perm.device))
-    if inverse:
-        inverse_table = torch.empty_like(table)
-        inverse_table.scatter_(-1, table, torch.arange(perm.numel(), device=perm.device).expand_as(table))
-        table = inverse_table
-    return x.gather(2, table[..., None].expand(*table.shape, x.shape[-1]))
+    from ..kernels.reference import permute_tokens_reference
+
+    return permute_tokens_reference(x, perm, inverse=inverse, heads=selected)
 
 
 @register_method

@@ -1,0 +1,481 @@
+"""Train the reference model of vdit_sparse.reference_model on procedural videos.
+
+Two phases under one wall-clock cap (default 450 s on one H200):
+
+1. The VAE. The demo must decode to a recognisable moving shape, so the latent
+   space has to mean pixels. A randomly initialised AutoencoderKLCogVideoX
+   decodes anything to noise, and a hand-built identity VAE cannot be written
+   into the real class (causal 3D convolutions, spatial norms). So the tiny
+   VAE is trained first, briefly, as an autoencoder on the same videos
+   (reconstruction MSE plus a very small KL term), through the same
+   ``vae.encode``/``vae.decode`` calls the pipeline makes at inference. Its
+   ``scaling_factor`` is then measured so the transformer sees unit-variance
+   latents, as the real CogVideoX scaling factors are chosen.
+2. The transformer, on the frozen VAE's latents of fresh videos, with the
+   pipeline's own CogVideoXDDIMScheduler and its prediction objective
+   (v-prediction, read from the scheduler config), 10% text dropout for
+   classifier-free guidance, bf16 autocast, AdamW and an EMA of the weights.
+
+Data (DESIGN.md section 6: attention only becomes spatial or temporal when the
+data has local spatial correlation and motion everywhere): each video is a
+smooth multi-octave noise canvas seen through a window that pans 0.5-1.5
+pixels a frame, with one to three coloured shapes (circle, square, rectangle,
+triangle, ring, star; some striped or spotted) moving left, right, up or down,
+some spinning, growing or shrinking, drawn in order so they occlude one
+another. The prompt describes them: "striped red circle moving left spinning
+and blue square moving up", "yellow star moving right, camera pans left".
+
+Example (the shipped weights; about 7.5 minutes on one H200)::
+
+    python scripts/train_reference_model.py --max-seconds 450
+
+A quick CPU check of the whole path::
+
+    python scripts/train_reference_model.py --device cpu --steps 2 --vae-steps 2 \
+        --batch-size 2 --vae-batch-size 1 --out /tmp/ref.safetensors --log /tmp/ref.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import math
+import platform
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run from a checkout without installing
+
+from vdit_sparse.reference_model import (  # noqa: E402
+    REFERENCE_CALL_ARGS,
+    init_reference_pipeline,
+    save_reference_weights,
+)
+
+# ---------------------------------------------------------------------------
+# Procedural videos
+# ---------------------------------------------------------------------------
+
+COLOURS = {
+    "red": (0.90, 0.10, 0.10),
+    "orange": (1.00, 0.50, 0.00),
+    "yellow": (1.00, 0.90, 0.10),
+    "green": (0.10, 0.75, 0.15),
+    "blue": (0.10, 0.25, 1.00),
+    "purple": (0.55, 0.10, 0.80),
+    "pink": (1.00, 0.40, 0.75),
+    "white": (0.97, 0.97, 0.97),
+    "black": (0.03, 0.03, 0.03),
+}
+SHAPES = ("circle", "square", "rectangle", "triangle", "ring", "star")
+TEXTURES = ("", "striped", "spotted")
+# screen directions: +x is right, +y is down
+DIRECTIONS = {"left": (-1.0, 0.0), "right": (1.0, 0.0), "up": (0.0, -1.0), "down": (0.0, 1.0)}
+CHANGES = ("", "spinning", "growing", "shrinking")
+
+
+def _direction_word(dx: float, dy: float) -> str:
+    if abs(dx) >= abs(dy):
+        return "right" if dx > 0 else "left"
+    return "down" if dy > 0 else "up"
+
+
+class ShapeVideos:
+    """Random videos ``(B, 3, T, H, W)`` in [-1, 1] with prompts that describe them.
+
+    Scene parameters are drawn on the CPU with ``random.Random(seed)`` (prompts
+    are strings anyway); pixels are rendered on ``device`` in one vectorised pass.
+    """
+
+    MAX_SHAPES = 3
+
+    def __init__(self, frames: int, size: int, device: torch.device, seed: int):
+        self.frames, self.size, self.device = frames, size, torch.device(device)
+        self.rng = random.Random(seed)
+        self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        # the window pans at most 1.5 px a frame, so the canvas needs that much margin each way
+        self.max_pan = 1.5
+        self.margin = math.ceil(self.max_pan * (frames - 1) / 2) + 4
+        self.canvas = size + 2 * self.margin
+
+    def _scene(self):
+        rng = self.rng
+        count = rng.choices((1, 2, 3), weights=(0.45, 0.4, 0.15))[0]
+        colours = rng.sample(sorted(COLOURS), count)
+        centre, shapes, phrases = (self.size - 1) / 2, [], []
+        for colour in colours:
+            kind = rng.choice(SHAPES)
+            # three shapes fill the 16 text tokens with "colour shape moving dir" alone
+            texture = rng.choices(TEXTURES, weights=(0.6, 0.2, 0.2))[0] if count < 3 else ""
+            change = rng.choices(CHANGES, weights=(0.5, 0.2, 0.15, 0.15))[0] if count < 3 else ""
+            direction = rng.choice(sorted(DIRECTIONS))
+            angle = math.atan2(DIRECTIONS[direction][1], DIRECTIONS[direction][0]) + rng.uniform(-0.2, 0.2)
+            speed = rng.uniform(0.8, 2.0)
+            vx, vy = speed * math.cos(angle), speed * math.sin(angle)
+            mid_x, mid_y = centre + rng.uniform(-12, 12), centre + rng.uniform(-12, 12)
+            half = (self.frames - 1) / 2  # the path is centred: the shape is at mid at the middle frame
+            spin = rng.choice((-1, 1)) * rng.uniform(0.15, 0.3) if change == "spinning" else 0.0
+            growth = {"growing": 1.0, "shrinking": -1.0}.get(change, 0.0) * math.log(2.0) / (self.frames - 1)
+            shapes.append(
+                dict(
+                    kind=SHAPES.index(kind),
+                    texture=TEXTURES.index(texture),
+                    colour=COLOURS[colour],
+                    x0=mid_x - vx * half,
+                    y0=mid_y - vy * half,
+                    vx=vx,
+                    vy=vy,
+                    angle0=rng.uniform(0, 2 * math.pi),
+                    spin=spin,
+                    size0=rng.uniform(7.0, 11.0),
+                    growth=growth,
+                )
+            )
+            phrases.append(" ".join(word for word in (texture, colour, kind, "moving", direction, change) if word))
+        pan_angle, pan_speed = rng.uniform(0, 2 * math.pi), rng.uniform(0.5, self.max_pan)
+        pan = (pan_speed * math.cos(pan_angle), pan_speed * math.sin(pan_angle))
+        prompt = " and ".join(phrases)
+        if count == 1 and rng.random() < 0.7:
+            prompt += ", camera pans " + _direction_word(*pan)
+        return shapes, pan, prompt
+
+    def _smooth_noise(self, batch: int, channels: int) -> torch.Tensor:
+        """Multi-octave noise on the canvas, unit std per video: correlated over 5 to 40 pixels."""
+        total = torch.zeros(batch, channels, self.canvas, self.canvas, device=self.device)
+        for cells, amplitude in ((3, 1.0), (6, 0.5), (12, 0.3), (24, 0.15)):
+            coarse = torch.randn(batch, channels, cells, cells, device=self.device, generator=self.generator)
+            total += amplitude * F.interpolate(coarse, size=(self.canvas, self.canvas), mode="bicubic", align_corners=False)
+        return total / total.flatten(1).std(dim=1).view(batch, 1, 1, 1)
+
+    def _background(self, pans: torch.Tensor) -> torch.Tensor:
+        """Muted noise canvases seen through a window panning at ``pans`` (B, 2) px a frame: (B, T, 3, H, W)."""
+        batch, frames, size, device = pans.shape[0], self.frames, self.size, self.device
+        grey = 0.3 + 0.4 * torch.rand(batch, 1, 1, 1, device=device, generator=self.generator)
+        canvas = grey + 0.18 * self._smooth_noise(batch, 1) + 0.07 * self._smooth_noise(batch, 3)
+        t = torch.arange(frames, device=device, dtype=torch.float32) - (frames - 1) / 2
+        origin = self.margin + pans[:, None, :] * t[None, :, None]  # (B, T, 2) window corner, canvas px
+        pixel = torch.arange(size, device=device, dtype=torch.float32)
+        x = pixel.view(1, 1, 1, size) + origin[..., 0, None, None]
+        y = pixel.view(1, 1, size, 1) + origin[..., 1, None, None]
+        # grid_sample, align_corners=False: pixel centre i sits at (2 i + 1) / n - 1
+        grid = torch.stack(
+            [((2 * x + 1) / self.canvas - 1).expand(-1, -1, size, size), ((2 * y + 1) / self.canvas - 1).expand(-1, -1, size, size)],
+            dim=-1,
+        )
+        frames_of = canvas[:, None].expand(-1, frames, -1, -1, -1).reshape(batch * frames, 3, self.canvas, self.canvas)
+        window = F.grid_sample(frames_of, grid.view(batch * frames, size, size, 2), mode="bilinear", align_corners=False)
+        return window.view(batch, frames, 3, size, size)
+
+    def sample(self, batch: int) -> tuple[torch.Tensor, list[str]]:
+        scenes = [self._scene() for _ in range(batch)]
+        device, frames, size, slots = self.device, self.frames, self.size, self.MAX_SHAPES
+        fields = ("kind", "texture", "x0", "y0", "vx", "vy", "angle0", "spin", "size0", "growth")
+        table = torch.zeros(len(fields), batch, slots)
+        colours = torch.zeros(batch, slots, 3)
+        present = torch.zeros(batch, slots)
+        for b, (shapes, _, _) in enumerate(scenes):
+            for k, shape in enumerate(shapes):
+                for i, field in enumerate(fields):
+                    table[i, b, k] = shape[field]
+                colours[b, k] = torch.tensor(shape["colour"])
+                present[b, k] = 1.0
+        table, colours, present = table.to(device), colours.to(device), present.to(device)
+        kind, texture, x0, y0, vx, vy, angle0, spin, size0, growth = table
+        size0 = torch.where(present > 0, size0, 1.0)  # empty slots: alpha is zeroed below, but keep them finite
+        pans = torch.tensor([pan for _, pan, _ in scenes], device=device, dtype=torch.float32)
+
+        video = self._background(pans)  # (B, T, 3, H, W)
+        t = torch.arange(frames, device=device, dtype=torch.float32)
+        t_mid = t - (frames - 1) / 2
+        # per shape and frame: (B, K, T, 1, 1)
+        expand = lambda v: v[:, :, None, None, None]  # noqa: E731
+        tt = t.view(1, 1, frames, 1, 1)
+        cx, cy = expand(x0) + expand(vx) * tt, expand(y0) + expand(vy) * tt
+        theta = expand(angle0) + expand(spin) * tt
+        scale = expand(size0) * torch.exp(expand(growth) * t_mid.view(1, 1, frames, 1, 1))
+        pixel = torch.arange(size, device=device, dtype=torch.float32)
+        dx, dy = pixel.view(1, 1, 1, 1, size) - cx, pixel.view(1, 1, 1, size, 1) - cy
+        # shape-local coordinates in units of the shape's radius (they rotate and scale with it)
+        u = (torch.cos(theta) * dx + torch.sin(theta) * dy) / scale
+        w = (-torch.sin(theta) * dx + torch.cos(theta) * dy) / scale
+        r = torch.sqrt(u * u + w * w + 1e-8)
+        phi = torch.atan2(w, u)
+        triangle = torch.stack(
+            [u * math.cos(a) + w * math.sin(a) for a in (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)]
+        ).amax(0)
+        # signed distance-like values, < 0 inside, in radius units
+        distance = torch.stack(
+            [
+                r - 1.0,  # circle
+                torch.maximum(u.abs(), w.abs()) - 0.85,  # square
+                torch.maximum(u.abs() - 1.2, w.abs() - 0.55),  # rectangle
+                triangle - 0.55,  # triangle (circumradius 1.1)
+                (r - 0.75).abs() - 0.25,  # ring
+                r - (0.72 + 0.28 * torch.cos(5 * phi)),  # five-pointed star
+            ]
+        )
+        distance = torch.gather(distance, 0, kind.long()[None, :, :, None, None, None].expand(1, -1, -1, frames, size, size))[0]
+        alpha = torch.sigmoid(-distance * scale / 0.6) * present[:, :, None, None, None]  # 0.6 px soft edge
+
+        # textures live in shape-local pixels, so they move, turn and scale with the shape
+        local_u, local_w = u * scale, w * scale
+        stripes = 0.5 + 0.5 * torch.tanh(3 * torch.sin(2 * math.pi * local_u / 6.0))
+        spots = torch.sigmoid(8 * (torch.cos(2 * math.pi * local_u / 7.0) * torch.cos(2 * math.pi * local_w / 7.0) - 0.4))
+        pattern = torch.where(texture[:, :, None, None, None] == 1, stripes, torch.where(texture[:, :, None, None, None] == 2, spots, 0.0))
+        luma = (colours * torch.tensor([0.3, 0.59, 0.11], device=device)).sum(-1, keepdim=True)
+        second = torch.where(luma > 0.5, 0.3 * colours, 0.35 * colours + 0.65)  # darker on bright, lighter on dark
+        for k in range(slots):
+            first_k, second_k = colours[:, k, None, :, None, None], second[:, k, None, :, None, None]  # (B, 1, 3, 1, 1)
+            shade = first_k + (second_k - first_k) * pattern[:, k, :, None]  # (B, T, 3, H, W)
+            a = alpha[:, k, :, None]
+            video = video * (1 - a) + a * shade
+        video = video.clamp(0, 1) * 2 - 1
+        return video.permute(0, 2, 1, 3, 4).contiguous(), [prompt for _, _, prompt in scenes]
+
+
+# ---------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------
+
+
+def _lr_factor(progress: float, warmup: float = 0.03, floor: float = 0.1) -> float:
+    """Linear warm-up, then cosine decay to ``floor``; ``progress`` in [0, 1] (steps or time, whichever is further)."""
+    if progress < warmup:
+        return progress / warmup
+    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, (progress - warmup) / (1 - warmup))))
+    return floor + (1 - floor) * cosine
+
+
+def _curve(losses: list[float], points: int = 40) -> list[list[float]]:
+    """The loss curve as ``points`` (step, mean loss over the window ending there) pairs."""
+    if not losses:
+        return []
+    window = max(1, len(losses) // points)
+    return [[end, sum(losses[end - window : end]) / window] for end in range(window, len(losses) + 1, window)]
+
+
+def _autocast(device: torch.device):
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def train_vae(vae, data: ShapeVideos, args, deadline: float, log: dict) -> None:
+    device = data.device
+    vae.train().requires_grad_(True)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, betas=(0.9, 0.99), weight_decay=0.0)
+    start, losses, step = time.perf_counter(), [], 0
+    budget = max(1e-6, deadline - start)
+    while step < args.vae_steps and time.perf_counter() < deadline:
+        progress = max(step / args.vae_steps, (time.perf_counter() - start) / budget)
+        for group in optimizer.param_groups:
+            group["lr"] = args.vae_lr * _lr_factor(progress)
+        video, _ = data.sample(args.vae_batch_size)
+        with _autocast(device):
+            posterior = vae.encode(video).latent_dist
+            recon = vae.decode(posterior.sample(generator=data.generator)).sample
+        reconstruction = F.mse_loss(recon.float(), video)
+        # a KL term this small only keeps the posterior's scale sane; the latents stay informative
+        kl = 0.5 * (posterior.mean.float() ** 2 + posterior.var.float() - 1 - posterior.logvar.float()).mean()
+        loss = reconstruction + args.vae_kl_weight * kl
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        optimizer.step()
+        losses.append(reconstruction.item())
+        step += 1
+        if step % 100 == 0 or step == 1:
+            print(f"vae step {step:5d}  mse {losses[-1]:.5f}  kl {kl.item():.3f}  {time.perf_counter() - start:6.1f}s", flush=True)
+    vae.eval().requires_grad_(False)
+
+    # held-out reconstruction and the latent scale (the transformer should see unit variance)
+    with torch.no_grad(), _autocast(device):
+        latents, errors = [], []
+        for _ in range(4):
+            video, _ = data.sample(args.vae_batch_size)
+            posterior = vae.encode(video).latent_dist
+            recon = vae.decode(posterior.mode()).sample.float().clamp(-1, 1)
+            errors.append(F.mse_loss((recon + 1) / 2, (video + 1) / 2).item())
+            latents.append(posterior.sample(generator=data.generator).float())
+        latents = torch.cat(latents)
+    mse01 = sum(errors) / len(errors)
+    scaling_factor = 1.0 / latents.std().item()
+    vae.register_to_config(scaling_factor=scaling_factor)
+    log["vae"] = {
+        "steps": step,
+        "seconds": round(time.perf_counter() - start, 1),
+        "batch_size": args.vae_batch_size,
+        "final_mse": sum(losses[-50:]) / max(1, len(losses[-50:])),
+        "heldout_psnr_db": round(10 * math.log10(1.0 / max(mse01, 1e-12)), 2),
+        "latent_mean": latents.mean().item(),
+        "latent_std": latents.std().item(),
+        "scaling_factor": scaling_factor,
+        "loss_curve": _curve(losses),
+    }
+    print(f"vae: {step} steps, held-out PSNR {log['vae']['heldout_psnr_db']} dB, scaling factor {scaling_factor:.4f}", flush=True)
+
+
+def train_transformer(pipe, data: ShapeVideos, args, deadline: float, log: dict) -> None:
+    device, transformer, vae, scheduler = data.device, pipe.transformer, pipe.vae, pipe.scheduler
+    prediction = scheduler.config.prediction_type
+    if prediction not in ("v_prediction", "epsilon"):
+        raise ValueError(f"scheduler prediction_type {prediction!r} is not one this script trains for")
+    frames = (REFERENCE_CALL_ARGS["num_frames"] - 1) // pipe.vae_scale_factor_temporal + 1
+    rotary = pipe._prepare_rotary_positional_embeddings(
+        REFERENCE_CALL_ARGS["height"], REFERENCE_CALL_ARGS["width"], frames, device
+    )
+    transformer.train().requires_grad_(True)
+    ema = copy.deepcopy(transformer).eval().requires_grad_(False)
+    optimizer = torch.optim.AdamW(transformer.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.01)
+    start, losses, step = time.perf_counter(), [], 0
+    budget = max(1e-6, deadline - start)
+    text_len = REFERENCE_CALL_ARGS["max_sequence_length"]
+    while step < args.steps and time.perf_counter() < deadline:
+        progress = max(step / args.steps, (time.perf_counter() - start) / budget)
+        for group in optimizer.param_groups:
+            group["lr"] = args.lr * _lr_factor(progress)
+        video, prompts = data.sample(args.batch_size)
+        # classifier-free guidance: the pipeline's unconditional branch encodes the empty prompt
+        prompts = ["" if data.rng.random() < args.cfg_dropout else prompt for prompt in prompts]
+        with torch.no_grad(), _autocast(device):
+            text, _ = pipe.encode_prompt(
+                prompts, do_classifier_free_guidance=False, max_sequence_length=text_len, device=device
+            )
+            latents = vae.encode(video).latent_dist.sample(generator=data.generator).float()
+        # the pipeline's latents are (B, F, C, H, W) and scaled by the VAE's scaling factor
+        latents = latents.permute(0, 2, 1, 3, 4) * vae.config.scaling_factor
+        noise = torch.randn(latents.shape, device=device, generator=data.generator)
+        timesteps = torch.randint(
+            0, scheduler.config.num_train_timesteps, (latents.shape[0],), device=device, generator=data.generator
+        )
+        noisy = scheduler.add_noise(latents, noise, timesteps)
+        target = scheduler.get_velocity(latents, noise, timesteps) if prediction == "v_prediction" else noise
+        with _autocast(device):
+            output = transformer(
+                hidden_states=noisy,
+                encoder_hidden_states=text.float(),
+                timestep=timesteps,
+                image_rotary_emb=rotary,
+                return_dict=False,
+            )[0]
+        loss = F.mse_loss(output.float(), target)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(transformer.parameters(), 1.0)
+        optimizer.step()
+        step += 1
+        decay = min(args.ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for averaged, live in zip(ema.parameters(), transformer.parameters()):
+                averaged.lerp_(live, 1 - decay)
+        losses.append(loss.item())
+        if step % 200 == 0 or step == 1:
+            recent = sum(losses[-200:]) / len(losses[-200:])
+            print(f"step {step:5d}  loss {recent:.4f}  lr {optimizer.param_groups[0]['lr']:.2e}  {time.perf_counter() - start:6.1f}s", flush=True)
+    seconds = time.perf_counter() - start
+    transformer.load_state_dict(ema.state_dict())
+    transformer.eval().requires_grad_(False)
+    log["transformer"] = {
+        "steps": step,
+        "seconds": round(seconds, 1),
+        "batch_size": args.batch_size,
+        "samples_per_second": round(step * args.batch_size / max(seconds, 1e-6), 1),
+        "prediction_type": prediction,
+        "final_loss": sum(losses[-100:]) / max(1, len(losses[-100:])),
+        "first_loss": losses[0] if losses else None,
+        "loss_curve": _curve(losses),
+        "lr": args.lr,
+        "ema_decay": args.ema_decay,
+        "cfg_dropout": args.cfg_dropout,
+        "saved": "EMA weights",
+    }
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=REPO / "assets" / "reference-cogvideox.safetensors")
+    parser.add_argument("--log", type=Path, default=REPO / "benchmarks" / "results" / "reference-training.json")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-seconds", type=float, default=450.0, help="wall-clock cap for the whole run, both phases")
+    parser.add_argument("--vae-seconds", type=float, default=75.0, help="wall-clock cap for the VAE phase")
+    parser.add_argument("--vae-steps", type=int, default=100_000)
+    parser.add_argument("--vae-batch-size", type=int, default=8)
+    parser.add_argument("--vae-lr", type=float, default=1e-3)
+    parser.add_argument("--vae-kl-weight", type=float, default=1e-5)
+    parser.add_argument("--steps", type=int, default=100_000, help="transformer steps (the time cap usually ends it first)")
+    parser.add_argument("--batch-size", type=int, default=24)
+    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--ema-decay", type=float, default=0.999)
+    parser.add_argument("--cfg-dropout", type=float, default=0.1)
+    args = parser.parse_args(argv)
+
+    started = time.perf_counter()
+    reserve = 15.0  # for measuring the latent scale and saving
+    device = torch.device(args.device)
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed shapes throughout
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    pipe = init_reference_pipeline(seed=args.seed)
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            torch.nn.Module.to(component, device=device)
+    data = ShapeVideos(REFERENCE_CALL_ARGS["num_frames"], REFERENCE_CALL_ARGS["height"], device, args.seed)
+
+    import diffusers
+    import transformers
+
+    log = {
+        "what": "vdit_sparse.reference_model trained by scripts/train_reference_model.py",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "diffusers": diffusers.__version__,
+            "transformers": transformers.__version__,
+            "cuda": torch.version.cuda,
+        },
+        "args": {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()},
+        "example_prompts": data.sample(6)[1],
+    }
+    vae_deadline = started + min(args.vae_seconds, args.max_seconds - reserve)
+    train_vae(pipe.vae, data, args, vae_deadline, log)
+    train_transformer(pipe, data, args, started + args.max_seconds - reserve, log)
+
+    log["wall_seconds"] = round(time.perf_counter() - started, 1)
+    summary = {
+        "date": log["date"],
+        "device": log["device"],
+        "torch": torch.__version__,
+        "vae_steps": log["vae"]["steps"],
+        "transformer_steps": log["transformer"]["steps"],
+        "final_loss": log["transformer"]["final_loss"],
+        "wall_seconds": log["wall_seconds"],
+    }
+    path = save_reference_weights(pipe, args.out, training=summary)
+    log["weights"] = {"path": str(path), "megabytes": round(path.stat().st_size / 2**20, 2)}
+    args.log.parent.mkdir(parents=True, exist_ok=True)
+    args.log.write_text(json.dumps(log, indent=1) + "\n")
+    print(json.dumps({key: log[key] for key in ("device", "wall_seconds", "weights")}), flush=True)
+    print(
+        f"done: vae {log['vae']['steps']} steps ({log['vae']['heldout_psnr_db']} dB), transformer "
+        f"{log['transformer']['steps']} steps, final loss {log['transformer']['final_loss']:.4f}, "
+        f"{log['wall_seconds']} s",
+        flush=True,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
