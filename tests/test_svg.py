@@ -90,3 +90,58 @@ def test_svg_changes_output_and_reuses_decisions(family):
     # 4 steps, reprofile every 2: classify at steps 0 and 2 of each layer, reuse at 1 and 3.
     assert classified == [True] * handle.num_layers + [False] * handle.num_layers + [True] * handle.num_layers + [False] * handle.num_layers
     assert torch.isfinite(output).all() and not torch.equal(output, reference)
+
+
+# At this noise level a planted head keeps roughly half of its attention mass in
+# its pattern (tests/test_synthetic.py); measured accuracy here: 128 of 128 at
+# noise 1.0 and 126 of 128 at noise 2.0.
+CLASSIFICATION_NOISE = 1.0
+
+
+def test_classification_of_planted_heads():
+    from vdit_sparse.methods.svg import classify_heads
+    from vdit_sparse.synthetic import planted_qkv
+
+    layout = TokenLayout(LatentGrid(8, 6, 6), 12, "prefix")
+    block = 16
+    mask = diagonal_band_block_mask(layout, block, band_half_width(layout, 0.25))
+    correct = total = 0
+    for seed in range(4):
+        kinds = ["spatial", "temporal"] * 8
+        q, k, v = planted_qkv(layout, kinds, batch=2, head_dim=32, noise=CLASSIFICATION_NOISE, seed=seed)
+        temporal = classify_heads(q, k, v, layout, mask, block, block, num_samples=64)
+        planted = torch.tensor([kind == "temporal" for kind in kinds]).expand(2, -1)
+        correct += (temporal == planted).sum().item()
+        total += planted.numel()
+    assert correct / total >= 0.98
+
+
+def _svg_call(layout, padding=None):
+    from vdit_sparse.context import AttentionCall, RunStats, StepContext
+
+    return AttentionCall(0, StepContext(0, 1, 999.0, 0, layout), padding, RunStats())
+
+
+@pytest.mark.parametrize("text_position", ["prefix", "suffix"])
+def test_svg_on_the_kernels_equals_the_masked_reference(text_position):
+    from vdit_sparse.kernels._triton_runtime import interpreter_active
+    from vdit_sparse.methods.svg import SVGMethod
+    from vdit_sparse.synthetic import planted_qkv
+
+    if not torch.cuda.is_available() and not interpreter_active():
+        pytest.skip("triton was imported before TRITON_INTERPRET=1 was set")
+    layout = TokenLayout(LatentGrid(5, 4, 6), 9, text_position)
+    kinds = ["spatial", "temporal", "temporal", "spatial"]
+    q, k, v = planted_qkv(layout, kinds, batch=2, head_dim=32, noise=0.5, seed=3)
+    padding = None
+    if text_position == "suffix":  # the last 4 text tokens of batch entry 1 are padding
+        padding = torch.ones(2, layout.seq_len, dtype=torch.bool)
+        padding[1, -4:] = False
+    outputs = {}
+    for backend in ("reference", "triton"):
+        method = SVGMethod(SVGMethod.parse_params({"density": 0.3, "block_size": 16, "backend": backend}))
+        call = _svg_call(layout, padding)
+        outputs[backend] = method.attend(q, k, v, call)
+        decisions = method._decisions[call.cache_key][1]
+    assert decisions.any() and not decisions.all()  # both paths of the layout transformation ran
+    assert (outputs["triton"] - outputs["reference"]).abs().max().item() <= 1e-4
