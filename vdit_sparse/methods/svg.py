@@ -92,7 +92,7 @@ def sample_rows(layout: TokenLayout, num_samples: int, device) -> torch.Tensor:
     return layout.video_start + offsets
 
 
-def _row_masks(
+def row_masks(
     layout: TokenLayout, block_mask: torch.Tensor, rows: torch.Tensor, block_m: int, block_n: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Token masks ``(R, S)`` of the sampled rows: spatial (frame-major) and temporal (mapped back from position-major)."""
@@ -122,7 +122,7 @@ def classify_heads(
     Costs three attention passes over ``num_samples`` query rows, in float32.
     """
     rows = sample_rows(layout, num_samples, q.device)
-    spatial, temporal = _row_masks(layout, block_mask, rows, block_m, block_n)
+    spatial, temporal = row_masks(layout, block_mask, rows, block_m, block_n)
     scores = (q[:, :, rows].float() @ k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5  # (B, H, R, S)
     if key_padding_mask is not None:
         scores = scores.masked_fill(~key_padding_mask[:, None, None, :], float("-inf"))
