@@ -62,3 +62,7 @@ class PipelineAdapter:
 
     def make_processor(self, original: Any, layer_index: int, dispatcher: Dispatcher) -> Any:
         raise NotImplementedError
+
+    def decode_latents(self, pipe: Any, latents: torch.Tensor, call_args: dict[str, Any]) -> torch.Tensor:
+        """The pipeline's final latents (``output_type="latent"``) -> the VAE's video tensor, as the pipeline decodes them."""
+        raise NotImplementedError

@@ -44,6 +44,14 @@ class CogVideoXAdapter(PipelineAdapter):
     def make_processor(self, original, layer_index, dispatcher):
         return CogVideoXSparseProcessor(original, layer_index, dispatcher)
 
+    def decode_latents(self, pipe, latents, call_args):
+        # CogVideoX 1.5 pads the latent frames to a multiple of patch_size_t and drops the padding before decoding.
+        patch_size_t = pipe.transformer.config.patch_size_t
+        num_frames = call_args.get("num_frames", 49)  # the pipelines' default
+        latent_frames = (num_frames - 1) // pipe.vae_scale_factor_temporal + 1
+        padding = 0 if patch_size_t is None else (-latent_frames) % patch_size_t
+        return pipe.decode_latents(latents[:, padding:])
+
 
 class CogVideoXSparseProcessor:
     """Routes one CogVideoX attention layer: the original processor when dense, else q, k, v to the dispatcher."""

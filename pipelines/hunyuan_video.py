@@ -43,6 +43,10 @@ class HunyuanVideoAdapter(PipelineAdapter):
     def make_processor(self, original, layer_index, dispatcher):
         return HunyuanVideoSparseProcessor(original, layer_index, dispatcher)
 
+    def decode_latents(self, pipe, latents, call_args):
+        scaled = latents.to(pipe.vae.dtype) / pipe.vae.config.scaling_factor
+        return pipe.vae.decode(scaled, return_dict=False)[0]
+
 
 def _key_padding_mask(attention_mask: torch.Tensor | None, seq_len: int) -> torch.Tensor | None:
     """(B, 1, 1, S) bool -> (B, S); None when it masks nothing we can express as key padding."""

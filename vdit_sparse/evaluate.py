@@ -44,6 +44,7 @@ import torch
 
 from .api import accelerate_pipeline
 from .metrics import psnr, relative_l2, ssim
+from .pipelines import find_adapter
 from .profile import Profile, ResolvedProfile, load_profile
 
 __all__ = ["DEFAULT_PROMPTS", "evaluate_profiles", "write_report", "markdown_table"]
@@ -62,20 +63,8 @@ ProfileLike = Union[str, Path, dict, Profile, ResolvedProfile]
 def _decode_latents(pipe: Any, latents: torch.Tensor, call_args: dict) -> np.ndarray:
     """Final latents -> frames ``(B, F, H, W, C)`` in [0, 1], exactly as the pipeline's own
     ``output_type="np"`` path would decode them."""
-    name = type(pipe).__name__
     with torch.no_grad():
-        if name.startswith("CogVideoX"):
-            # CogVideoX 1.5 pads the latent frames to a multiple of patch_size_t and drops the padding before decoding
-            patch_size_t = pipe.transformer.config.patch_size_t
-            num_frames = call_args.get("num_frames", 49)
-            latent_frames = (num_frames - 1) // pipe.vae_scale_factor_temporal + 1
-            padding = 0 if patch_size_t is None else (-latent_frames) % patch_size_t
-            video = pipe.decode_latents(latents[:, padding:])
-        elif name.startswith("HunyuanVideo"):
-            scaled = latents.to(pipe.vae.dtype) / pipe.vae.config.scaling_factor
-            video = pipe.vae.decode(scaled, return_dict=False)[0]
-        else:
-            raise TypeError(f"evaluate: no decode path for {name}; supported: CogVideoX*, HunyuanVideo* pipelines")
+        video = find_adapter(pipe).decode_latents(pipe, latents, call_args)
         return pipe.video_processor.postprocess_video(video=video, output_type="np")
 
 
