@@ -232,24 +232,31 @@ def write_samples_png(videos: list[np.ndarray], prompts: list[str], path: Path, 
     canvas.save(path)
 
 
-def write_attention_png(maps: torch.Tensor, per_head: list[dict], path: Path, scale: int = 2) -> None:
+def write_attention_png(maps: torch.Tensor, per_head: list[dict], seq_len: int, path: Path, scale: int = 2) -> None:
     layers, heads, frames, size, _ = maps.shape
     tiles_across = 3
     tile_gap, cell_gap, label = 1, 8, 24
     cell = tiles_across * (size + tile_gap) * scale
-    canvas = Image.new("RGB", (40 + heads * (cell + cell_gap), 16 + layers * (cell + label + cell_gap)), "white")
+    header = 28
+    canvas = Image.new("RGB", (40 + heads * (cell + cell_gap), header + layers * (cell + label + cell_gap)), "white")
     draw = ImageDraw.Draw(canvas)
     font = ImageFont.load_default()
     lookup = {(entry["layer"], entry["head"]): entry for entry in per_head}
-    draw.text((40, 2), "rows: layers; columns: heads; tiles: frame offset -4..4 (row-major), inside: row/col offset -7..7", fill="black", font=font)
+    draw.text(
+        (40, 2),
+        "rows: layers; columns: heads; tiles: frame offset -4..4 (row-major), inside: row/col offset -7..7\n"
+        "colour: log probability over uniform, 1x (dark) to 100x (light); f: mass within +-1 frame, p: at same position in other frames",
+        fill="black",
+        font=font,
+    )
     for layer in range(layers):
-        top = 16 + layer * (cell + label + cell_gap)
+        top = header + layer * (cell + label + cell_gap)
         draw.text((2, top + label + cell // 2 - 6), f"L{layer}", fill="black", font=font)
         for head in range(heads):
             left = 40 + head * (cell + cell_gap)
             head_map = maps[layer, head].numpy()
-            # sqrt so the weak off-centre mass stays visible; each head on its own scale
-            shown = np.sqrt(head_map / max(head_map.max(), 1e-12))
+            # enrichment over uniform attention (1 / seq_len per key) on one log scale for all heads
+            shown = np.log(np.maximum(head_map * seq_len, 1.0)) / np.log(100.0)
             entry = lookup[(layer, head)]
             draw.text((left, top), f"H{head} f{entry['within_1_frame']:.2f}", fill="black", font=font)
             draw.text((left, top + 11), f"p{entry['same_position_other_frames']:.2f}", fill="black", font=font)
@@ -305,7 +312,7 @@ def main(argv=None) -> int:
 
     write_samples_png(videos, prompts, args.samples_png)
     per_head = structure.results()["heads"]
-    write_attention_png(structure.offset_maps(), per_head, args.attention_png)
+    write_attention_png(structure.offset_maps(), per_head, layout.seq_len, args.attention_png)
 
     uniform = structure.uniform()
     spatial_threshold = 2 * uniform["within_1_frame"]
