@@ -99,17 +99,19 @@ CLASSIFICATION_NOISE = 1.0
 
 
 def test_classification_of_planted_heads():
-    from vdit_sparse.methods.svg import classify_heads
+    from vdit_sparse.methods.svg import classify_heads, row_masks, sample_rows
     from vdit_sparse.synthetic import planted_qkv
 
     layout = TokenLayout(LatentGrid(8, 6, 6), 12, "prefix")
     block = 16
     mask = diagonal_band_block_mask(layout, block, band_half_width(layout, 0.25))
+    rows = sample_rows(layout, 64, "cpu")
+    spatial_rows, temporal_rows = row_masks(layout, mask, rows, block, block)
     correct = total = 0
     for seed in range(4):
         kinds = ["spatial", "temporal"] * 8
         q, k, v = planted_qkv(layout, kinds, batch=2, head_dim=32, noise=CLASSIFICATION_NOISE, seed=seed)
-        temporal = classify_heads(q, k, v, layout, mask, block, block, num_samples=64)
+        temporal = classify_heads(q, k, v, rows, spatial_rows, temporal_rows)
         planted = torch.tensor([kind == "temporal" for kind in kinds]).expand(2, -1)
         correct += (temporal == planted).sum().item()
         total += planted.numel()

@@ -110,29 +110,35 @@ def classify_heads(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    layout: TokenLayout,
-    block_mask: torch.Tensor,
-    block_m: int,
-    block_n: int,
-    num_samples: int,
+    rows: torch.Tensor,
+    spatial_rows: torch.Tensor,
+    temporal_rows: torch.Tensor,
     key_padding_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Bool ``(B, H)``: True where a head is better served by the temporal mask than the spatial one.
 
-    Costs three attention passes over ``num_samples`` query rows, in float32.
+    ``rows`` are the sampled query positions and ``spatial_rows`` /
+    ``temporal_rows`` their ``(R, S)`` token masks (:func:`row_masks`).  One
+    pass of scores over the sampled rows serves all three outputs: the
+    unnormalised probabilities ``exp(s - max)`` are shared, and each output
+    is its masked numerator over its masked denominator.  Matrix products run
+    in q's dtype, the softmax and the errors in float32.
     """
-    rows = sample_rows(layout, num_samples, q.device)
-    spatial, temporal = row_masks(layout, block_mask, rows, block_m, block_n)
-    scores = (q[:, :, rows].float() @ k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5  # (B, H, R, S)
+    scores = torch.matmul(q[:, :, rows], k.transpose(-1, -2)).float()  # (B, H, R, S)
+    scores.mul_(q.shape[-1] ** -0.5)
     if key_padding_mask is not None:
-        scores = scores.masked_fill(~key_padding_mask[:, None, None, :], float("-inf"))
-    values = v.float()
-    exact = torch.softmax(scores, dim=-1) @ values
-    errors = []
-    for mask in (spatial, temporal):
-        approx = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1) @ values
-        errors.append((approx - exact).pow(2).mean(dim=(-1, -2)))
-    return errors[1] < errors[0]
+        scores.masked_fill_(~key_padding_mask[:, None, None, :], float("-inf"))
+    scores.sub_(scores.amax(dim=-1, keepdim=True)).exp_()
+    probs = scores.to(v.dtype)
+    del scores
+    outputs = []
+    for mask in (None, spatial_rows, temporal_rows):
+        weights = probs if mask is None else probs * mask
+        outputs.append(torch.matmul(weights, v).float() / weights.sum(dim=-1, dtype=torch.float32)[..., None])
+    exact, spatial, temporal = outputs
+    spatial_error = (spatial - exact).pow(2).mean(dim=(-1, -2))
+    temporal_error = (temporal - exact).pow(2).mean(dim=(-1, -2))
+    return temporal_error < spatial_error
 
 
 def svg_token_masks(layout: TokenLayout, block_mask: torch.Tensor, temporal: torch.Tensor, block_m: int, block_n: int) -> torch.Tensor:
@@ -158,6 +164,19 @@ def permute_heads(x: torch.Tensor, perm: torch.Tensor, selected: torch.Tensor, *
     return permute_tokens_reference(x, perm, inverse=inverse, heads=selected)
 
 
+@dataclass
+class _LayoutPlan:
+    """Everything SVG derives from one layout and block size, built once and reused across calls."""
+
+    mask: torch.Tensor  # (nQB, nKB) band, the same for every head
+    density: float
+    perm: torch.Tensor  # frame-major -> position-major token order
+    rows: torch.Tensor  # sampled query positions for classification
+    spatial_rows: torch.Tensor
+    temporal_rows: torch.Tensor
+    kernel_indices: tuple[torch.Tensor, torch.Tensor] | None = None
+
+
 @register_method
 class SVGMethod(BlockSparseMethod):
     name = "svg"
@@ -165,20 +184,27 @@ class SVGMethod(BlockSparseMethod):
 
     def __init__(self, params):
         super().__init__(params)
-        self._masks: dict = {}
+        self._plans: dict = {}
         self._decisions: dict[tuple[int, int], tuple[int, torch.Tensor]] = {}
 
     def reset(self) -> None:
         self._decisions.clear()
 
-    def block_mask(self, q, k, call, block_m, block_n):
-        key = (call.layout, block_m, block_n, q.device)
-        if key not in self._masks:
-            width = band_half_width(call.layout, self.params.density)
-            self._masks[key] = diagonal_band_block_mask(call.layout, block_m, width, kv_block_size=block_n, device=q.device)
-        return self._masks[key]
+    def plan(self, layout: TokenLayout, block_m: int, block_n: int, device) -> _LayoutPlan:
+        key = (layout, block_m, block_n, str(device))
+        if key not in self._plans:
+            width = band_half_width(layout, self.params.density)
+            mask = diagonal_band_block_mask(layout, block_m, width, kv_block_size=block_n, device=device)
+            rows = sample_rows(layout, self.params.num_samples, device)
+            spatial_rows, temporal_rows = row_masks(layout, mask, rows, block_m, block_n)
+            perm = frame_to_position_permutation(layout, device=device)
+            self._plans[key] = _LayoutPlan(mask, mask.float().mean().item(), perm, rows, spatial_rows, temporal_rows)
+        return self._plans[key]
 
-    def head_kinds(self, q, k, v, call: AttentionCall, mask, block_m, block_n) -> torch.Tensor:
+    def block_mask(self, q, k, call, block_m, block_n):
+        return self.plan(call.layout, block_m, block_n, q.device).mask
+
+    def head_kinds(self, q, k, v, call: AttentionCall, plan: _LayoutPlan) -> torch.Tensor:
         """Bool ``(B, H)``, True for temporal heads; classified or reused from an earlier step."""
         batch, heads = q.shape[:2]
         if self.params.head_kind != "auto":
@@ -187,40 +213,33 @@ class SVGMethod(BlockSparseMethod):
         cached = self._decisions.get(call.cache_key)
         if cached is not None and 0 <= step - cached[0] < self.params.reprofile_every and cached[1].shape == (batch, heads):
             return cached[1]
-        temporal = classify_heads(
-            q, k, v, call.layout, mask, block_m, block_n, self.params.num_samples, call.key_padding_mask
-        )
+        temporal = classify_heads(q, k, v, plan.rows, plan.spatial_rows, plan.temporal_rows, call.key_padding_mask)
         self._decisions[call.cache_key] = (step, temporal)
         return temporal
 
     def attend(self, q, k, v, call):
         backend = resolve_backend(self.params.backend, q)
         block_m, block_n = block_sizes_for(self.params, backend, q.shape[-1])
-        mask = self.block_mask(q, k, call, block_m, block_n)
-        temporal = self.head_kinds(q, k, v, call, mask, block_m, block_n)
+        plan = self.plan(call.layout, block_m, block_n, q.device)
+        temporal = self.head_kinds(q, k, v, call, plan)
         batch, heads, seq_len, _ = q.shape
-        call.stats.record(self.name, mask.float().mean().item(), batch * heads, seq_len)
+        call.stats.record(self.name, plan.density, batch * heads, seq_len)
         if backend == "reference":
-            token_mask = svg_token_masks(call.layout, mask, temporal, block_m, block_n)
+            token_mask = svg_token_masks(call.layout, plan.mask, temporal, block_m, block_n)
             if call.key_padding_mask is not None:
                 token_mask = token_mask & call.key_padding_mask[:, None, None, :]
             return F.scaled_dot_product_attention(q, k, v, attn_mask=token_mask)
         from ..kernels.block_sparse_attention import block_sparse_attention
+        from ..kernels.indices import block_mask_to_indices
 
-        perm, indices, counts = self._kernel_plan(call.layout, mask, block_m, block_n, heads)
-        q, k, v = (permute_heads(t, perm, temporal, inverse=False, backend=backend) for t in (q, k, v))
+        if plan.kernel_indices is None or plan.kernel_indices[0].shape[1] != heads:
+            plan.kernel_indices = block_mask_to_indices(plan.mask[None, None].expand(1, heads, *plan.mask.shape))
+        indices, counts = plan.kernel_indices
+        permute = bool(temporal.any())  # with every head spatial there is nothing to transform
+        if permute:
+            q, k, v = (permute_heads(t, plan.perm, temporal, inverse=False, backend=backend) for t in (q, k, v))
         # The key-padding mask needs no permuting: padding is on text tokens, which stay in place.
         out = block_sparse_attention(
             q, k, v, indices, counts, block_m=block_m, block_n=block_n, key_padding_mask=call.key_padding_mask
         )
-        return permute_heads(out, perm, temporal, inverse=True, backend=backend)
-
-    def _kernel_plan(self, layout, mask, block_m, block_n, heads):
-        """Permutation and kernel indices for one layout, built once (the mask is the same for every head)."""
-        key = ("plan", layout, block_m, block_n, heads, mask.device)
-        if key not in self._masks:
-            from ..kernels.indices import block_mask_to_indices
-
-            indices, counts = block_mask_to_indices(mask[None, None].expand(1, heads, *mask.shape))
-            self._masks[key] = (frame_to_position_permutation(layout, device=mask.device), indices, counts)
-        return self._masks[key]
+        return permute_heads(out, plan.perm, temporal, inverse=True, backend=backend) if permute else out
