@@ -62,7 +62,7 @@ def default_block_sizes(head_dim: int) -> tuple[int, int]:
 
 @triton.jit
 def _block_sparse_attn_fwd(
-    Q, K, V, O, LSE, KV_IDX, KV_CNT, KEY_VALID,
+    Q, K, V, O, LSE, KV_IDX, KV_CNT, KEY_VALID, Q_ROWS,
     qk_scale,  # softmax scale * log2(e)
     stride_qb, stride_qh, stride_qs, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
@@ -71,6 +71,7 @@ def _block_sparse_attn_fwd(
     stride_ib, stride_ih, stride_iq, stride_ik,
     stride_cb, stride_ch, stride_cq,
     stride_pb,
+    stride_rb, stride_rh,
     H, S,
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -79,6 +80,7 @@ def _block_sparse_attn_fwd(
     MASK_MODE: tl.constexpr,
     HAS_TAIL: tl.constexpr,  # S % BLOCK_N != 0 (read by the autotuner's pruning)
     HAS_KEY_PADDING: tl.constexpr,
+    HAS_QUERY_ROWS: tl.constexpr,  # query slot i of the plan is row Q_ROWS[b, h, i] of q and of the output
     RETURN_LSE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     DOT_IN_FP32: tl.constexpr,  # CPU interpreter: its bf16 dot is wrong, so dot upcast operands
@@ -95,8 +97,14 @@ def _block_sparse_attn_fwd(
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
 
+    # Rows of q (and of the output) this program serves: its slots, or a gathered set of rows,
+    # which fuses a token permutation of q and its inverse on the output into the load and store.
+    if HAS_QUERY_ROWS:
+        rows = tl.load(Q_ROWS + off_b * stride_rb + off_h * stride_rh + offs_m, mask=offs_m < S, other=0).to(tl.int64)
+    else:
+        rows = offs_m
     # The query block is loaded once and stays in SRAM for the whole key loop.
-    p_q = Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd
+    p_q = Q + off_b * stride_qb + off_h * stride_qh + rows[:, None] * stride_qs + offs_d[None, :] * stride_qd
     b_q = tl.load(p_q, mask=offs_m[:, None] < S, other=0.0)
     if DOT_IN_FP32:
         b_q = b_q.to(tl.float32)
@@ -164,12 +172,12 @@ def _block_sparse_attn_fwd(
     # Rows that saw no valid key have l = 0: they output zeros and lse = -inf.
     empty = l_i == 0.0
     acc = acc / tl.where(empty, 1.0, l_i)[:, None]
-    p_o = O + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :]
+    p_o = O + off_b * stride_ob + off_h * stride_oh + rows[:, None] * stride_os + offs_d[None, :]
     tl.store(p_o, acc.to(O.dtype.element_ty), mask=offs_m[:, None] < S)
     if RETURN_LSE:
         # m is in log2 units of the scaled score; ln(sum e^s) = (m + log2(l)) * ln(2).
         lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
-        tl.store(LSE + pid_bh.to(tl.int64) * S + offs_m, lse, mask=offs_m < S)
+        tl.store(LSE + pid_bh.to(tl.int64) * S + rows, lse, mask=offs_m < S)
 
 
 def _hopper_configs():
@@ -284,6 +292,7 @@ def block_sparse_attention(
     scale: float | None = None,
     key_padding_mask: torch.Tensor | None = None,
     return_lse: bool = False,
+    query_rows: torch.Tensor | None = None,
 ):
     """Attention of each query block over its listed key blocks.
 
@@ -303,22 +312,42 @@ def block_sparse_attention(
         key_padding_mask: optional bool ``(B, S)``, True where the key is valid.
         return_lse: also return the float32 ``(B, H, S)`` natural-log
             log-sum-exp of the scaled scores over the keys attended.
+        query_rows: optional int32 ``(Bi, H, S)``, ``Bi`` 1 or ``B``, each
+            ``[b, h]`` a permutation of ``range(S)``: query slot ``i`` of the
+            plan is row ``query_rows[b, h, i]`` of q, and its output (and lse)
+            goes to that same row.  Attending in a permuted token order then
+            needs only k and v permuted: the gather of q and the scatter of
+            the output happen in the kernel's own load and store.
 
     Returns:
         ``out`` ``(B, H, S, D)`` contiguous in q's dtype, or ``(out, lse)``.
         Rows with no valid key output zeros and lse ``-inf``.
     """
     _check_inputs(q, k, v, kv_block_indices, kv_block_counts, block_m, block_n, key_padding_mask)
+    if query_rows is not None:
+        batch, heads, seq_len = q.shape[:3]
+        if (
+            not isinstance(query_rows, torch.Tensor)
+            or query_rows.dtype != torch.int32
+            or query_rows.dim() != 3
+            or query_rows.shape[0] not in (1, batch)
+            or tuple(query_rows.shape[1:]) != (heads, seq_len)
+            or query_rows.device != q.device
+        ):
+            got = (query_rows.dtype, tuple(query_rows.shape), str(query_rows.device)) if isinstance(query_rows, torch.Tensor) else type(query_rows).__name__
+            raise ValueError(
+                f"query_rows must be an int32 tensor (1 or B, H, S) = (1 or {batch}, {heads}, {seq_len}) on {q.device}, got {got}"
+            )
     return _forward(
         q, k, v, kv_block_indices, kv_block_counts,
         block_m=block_m, block_n=block_n, scale=scale,
-        key_padding_mask=key_padding_mask, return_lse=return_lse,
+        key_padding_mask=key_padding_mask, return_lse=return_lse, query_rows=query_rows,
     )
 
 
 def _forward(
     q, k, v, kv_block_indices, kv_block_counts, *, block_m, block_n, scale=None, key_padding_mask=None,
-    return_lse=False, use_tma=None, mask_mode=None, num_warps=None, num_stages=None,
+    return_lse=False, query_rows=None, use_tma=None, mask_mode=None, num_warps=None, num_stages=None,
 ):
     """Launcher without argument checks.  ``use_tma``/``mask_mode``/``num_warps``/``num_stages``
     override the automatic choices (benchmarks compare variants through them)."""
@@ -356,17 +385,21 @@ def _forward(
     grid = (num_q_blocks, batch * heads)
     args = (
         q, k_arg, v_arg, out, lse, kv_block_indices, kv_block_counts, key_valid,
+        query_rows if query_rows is not None else kv_block_counts,
         scale * _LOG2_E,
         *q.stride(), *k.stride(), *v.stride(),
         *out.stride()[:3],
         0 if shared_plan else kv_block_indices.stride(0), *kv_block_indices.stride()[1:],
         0 if shared_plan else kv_block_counts.stride(0), *kv_block_counts.stride()[1:],
         key_padding_mask.stride(0) if key_padding_mask is not None else 0,
+        query_rows.stride(0) if query_rows is not None and query_rows.shape[0] > 1 else 0,
+        query_rows.stride(1) if query_rows is not None else 0,
         heads, seq_len,
     )
     meta = dict(
         HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, USE_TMA=use_tma, HAS_TAIL=has_tail,
-        HAS_KEY_PADDING=key_padding_mask is not None, RETURN_LSE=return_lse,
+        HAS_KEY_PADDING=key_padding_mask is not None, HAS_QUERY_ROWS=query_rows is not None,
+        RETURN_LSE=return_lse,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 or device.type == "cpu" else "tf32",
         DOT_IN_FP32=device.type == "cpu",
     )

@@ -26,7 +26,7 @@ from vdit_sparse.patterns import frame_to_position_permutation
 
 from ._triton_runtime import kernel_for
 
-__all__ = ["permute_tokens", "frame_to_position", "position_to_frame"]
+__all__ = ["permute_tokens", "permutation_table", "frame_to_position", "position_to_frame"]
 
 
 @triton.jit
@@ -59,8 +59,14 @@ def _permute_rows(
     tl.store(p_o, tl.load(p_x, mask=row_ok[:, None], other=0.0), mask=row_ok[:, None])
 
 
-def _perm_table(perm: torch.Tensor, heads: torch.Tensor | None, num_heads: int, seq_len: int) -> torch.Tensor:
-    """int32 ``(1 or B, H, S)``: the order each (batch, head) applies (identity where ``heads`` is False)."""
+def permutation_table(perm: torch.Tensor, heads: torch.Tensor | None, num_heads: int, seq_len: int) -> torch.Tensor:
+    """int32 ``(1 or B, H, S)``: the order each (batch, head) applies (identity where ``heads`` is False).
+
+    It is also the ``query_rows`` argument of
+    :func:`~vdit_sparse.kernels.block_sparse_attention.block_sparse_attention`,
+    which fuses the permutation of q and the inverse permutation of the output
+    into the attention kernel.
+    """
     perm = perm.expand(num_heads, seq_len)
     if heads is not None:
         selected = heads if heads.dim() == 2 else heads[None]
@@ -97,7 +103,7 @@ def permute_tokens(x: torch.Tensor, perm: torch.Tensor, inverse: bool = False, *
             f"heads must be a bool tensor of shape (H,) = ({num_heads},) or (B, H) = ({batch}, {num_heads}) "
             f"on {x.device}, got {heads.dtype} {tuple(heads.shape)} on {heads.device}"
         )
-    table = _perm_table(perm, heads, num_heads, seq_len)
+    table = permutation_table(perm, heads, num_heads, seq_len)
     out = torch.empty((batch, num_heads, seq_len, head_dim), dtype=x.dtype, device=x.device)
     block_s = 64
     grid = (triton.cdiv(seq_len, block_s), batch * num_heads)

@@ -29,15 +29,31 @@ def indices_to_block_mask(kv_block_indices: torch.Tensor, kv_block_counts: torch
 
 def block_sparse_attention_reference(
     q, k, v, kv_block_indices, kv_block_counts, *, block_m, block_n, scale=None,
-    key_padding_mask=None, return_lse=False, upcast=True,
+    key_padding_mask=None, return_lse=False, upcast=True, query_rows=None,
 ):
     """Masked softmax attention with the block plan expanded to tokens.
+
+    ``query_rows`` (as in the kernel): the plan's query slot ``i`` is row
+    ``query_rows[b, h, i]`` of q and of the output; computed here by gathering
+    q, attending, and scattering the result back.
 
     ``upcast=True`` computes in float32 (float64 for float32 inputs): the
     reference.  ``upcast=False`` computes in the inputs' dtype: the "plain
     PyTorch in the same precision" baseline of the tests' tolerance rule.
     """
     batch, heads, seq_len, head_dim = q.shape
+    if query_rows is not None:
+        rows = query_rows.long().expand(batch, heads, seq_len)
+        gathered = torch.gather(q, 2, rows[..., None].expand(batch, heads, seq_len, head_dim))
+        result = block_sparse_attention_reference(
+            gathered, k, v, kv_block_indices, kv_block_counts, block_m=block_m, block_n=block_n, scale=scale,
+            key_padding_mask=key_padding_mask, return_lse=return_lse, upcast=upcast,
+        )
+        out, lse = result if return_lse else (result, None)
+        out = torch.empty_like(out).scatter_(2, rows[..., None].expand_as(out), out)
+        if return_lse:
+            return out, torch.empty_like(lse).scatter_(2, rows, lse)
+        return out
     if scale is None:
         scale = 1.0 / math.sqrt(head_dim)
     num_kv_blocks = -(-seq_len // block_n)

@@ -6,9 +6,11 @@ D 128, bf16) and the SVG band masks of several densities, times with
 
 - index building: the band block mask, the frame/position permutation and
   ``block_mask_to_indices`` for all heads, from nothing (no cache);
-- permutations: q, k and v to position-major order and the output back, with
-  half of the heads temporal (the permutation kernel copies the other half);
-- the block-sparse attention kernel itself.
+- permutations: k and v to position-major order and the query-row table, with
+  half of the heads temporal (the permutation kernel copies the other half),
+  as SVG does; q and the output are permuted inside the attention kernel
+  (its ``query_rows``), whose time is in the attention column;
+- the block-sparse attention kernel itself, with those query rows.
 
     python scripts/bench_layout_overhead.py --out benchmarks/results/layout-overhead-h200.json
 """
@@ -26,7 +28,7 @@ import triton
 from vdit_sparse.geometry import LatentGrid, TokenLayout
 from vdit_sparse.kernels.block_sparse_attention import block_sparse_attention, default_block_sizes
 from vdit_sparse.kernels.indices import block_mask_to_indices
-from vdit_sparse.kernels.permute import permute_tokens
+from vdit_sparse.kernels.permute import permutation_table, permute_tokens
 from vdit_sparse.methods.svg import band_half_width
 from vdit_sparse.patterns import diagonal_band_block_mask, frame_to_position_permutation
 
@@ -63,12 +65,14 @@ def main():
         perm = frame_to_position_permutation(layout, device="cuda")
 
         def permutations():
-            for t in (q, k, v):
+            for t in (k, v):
                 permute_tokens(t, perm, heads=temporal)
-            permute_tokens(q, perm, inverse=True, heads=temporal)
+            return permutation_table(perm, temporal, heads, layout.seq_len)
+
+        rows = permutations()
 
         def attention():
-            block_sparse_attention(q, k, v, indices, counts, block_m=block_m, block_n=block_n)
+            block_sparse_attention(q, k, v, indices, counts, block_m=block_m, block_n=block_n, query_rows=rows)
 
         index_ms, permute_ms, attention_ms = (triton.testing.do_bench(f) for f in (build_indices, permutations, attention))
         row = {

@@ -233,3 +233,44 @@ def test_block_mask_to_indices_round_trip(seed):
 def test_block_mask_to_indices_rejects_non_bool():
     with pytest.raises(ValueError, match="block_mask must be a bool tensor"):
         block_mask_to_indices(torch.ones(1, 1, 2, 2))
+
+
+@launches_kernel
+@pytest.mark.parametrize("per_batch", [False, True], ids=["rows-shared", "rows-per-batch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_query_rows_fuse_a_permutation_of_q_and_its_inverse_on_the_output(per_batch, dtype):
+    """Slot i serves row query_rows[i]: the same as gathering q, attending, and scattering the output."""
+    B, H, S, D, block_m, block_n = 2, 3, 150, 32, 32, 32
+    gen = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(B, H, S, D, generator=gen).to(dtype).to(DEVICE) for _ in range(3))
+    mask = random_plan(B, H, S, block_m, block_n, 0.4, gen).to(DEVICE)
+    kv_idx, kv_cnt = block_mask_to_indices(mask)
+    rows = torch.stack([torch.randperm(S, generator=gen) for _ in range((B if per_batch else 1) * H)])
+    rows = rows.view(B if per_batch else 1, H, S).to(torch.int32).to(DEVICE)
+    padding = (torch.rand(B, S, generator=gen) < 0.9).to(DEVICE)
+    kwargs = dict(block_m=block_m, block_n=block_n, key_padding_mask=padding, return_lse=True, query_rows=rows)
+
+    out, lse = block_sparse_attention(q, k, v, kv_idx, kv_cnt, **kwargs)
+    ref_out, ref_lse = block_sparse_attention_reference(q, k, v, kv_idx, kv_cnt, **kwargs)
+    plain_out, _ = block_sparse_attention_reference(q, k, v, kv_idx, kv_cnt, **kwargs, upcast=False)
+    assert_attention_close(out, plain_out, ref_out)
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(finite, torch.isfinite(lse))
+    assert (lse[finite] - ref_lse[finite]).abs().max() <= (1e-4 if dtype == torch.float32 else 2e-2)
+
+    # The reference's own meaning, spelled out: gather q, attend in slot order, scatter back.
+    gathered = torch.gather(q, 2, rows.long().expand(B, H, S)[..., None].expand(B, H, S, D))
+    slots = block_sparse_attention_reference(gathered, k, v, kv_idx, kv_cnt, block_m=block_m, block_n=block_n,
+                                             key_padding_mask=padding)
+    b, h = 1, 2
+    row_of = rows[b if per_batch else 0, h].long()
+    torch.testing.assert_close(ref_out[b, h, row_of], slots[b, h])
+
+
+@launches_kernel
+def test_query_rows_must_fit_q():
+    q, k, v = _small()
+    kv_idx, kv_cnt = block_mask_to_indices(torch.ones(1, 3, 3, 3, dtype=torch.bool, device=DEVICE))
+    with pytest.raises(ValueError, match=r"query_rows must be an int32 tensor \(1 or B, H, S\)"):
+        block_sparse_attention(q, k, v, kv_idx, kv_cnt, block_m=64, block_n=64,
+                               query_rows=torch.zeros(1, 3, 10, dtype=torch.int32, device=DEVICE))

@@ -9,9 +9,10 @@ spatial position across frames: in frame-major order those keys are a frame
 apart, but after transposing the video span to position-major order
 (``(frame, position) -> (position, frame)``) they are neighbours.  So both
 kinds use one block mask, a band around the diagonal holding ``density`` of
-the video query-key pairs, each in its own token order; a temporal head is permuted
-before the block-sparse kernel and permuted back after ("layout
-transformation").  Text rows and columns stay dense.
+the video query-key pairs, each in its own token order ("layout
+transformation"): a temporal head's keys and values are permuted before the
+block-sparse kernel, and the kernel gathers its query rows and scatters its
+output rows itself.  Text rows and columns stay dense.
 
 Which kind a head is comes from online profiling: ``num_samples`` query rows,
 spread over the whole video, get their exact attention output and the output
@@ -235,11 +236,16 @@ class SVGMethod(BlockSparseMethod):
         if plan.kernel_indices is None or plan.kernel_indices[0].shape[1] != heads:
             plan.kernel_indices = block_mask_to_indices(plan.mask[None, None].expand(1, heads, *plan.mask.shape))
         indices, counts = plan.kernel_indices
-        permute = bool(temporal.any())  # with every head spatial there is nothing to transform
-        if permute:
-            q, k, v = (permute_heads(t, plan.perm, temporal, inverse=False, backend=backend) for t in (q, k, v))
+        query_rows = None
+        if bool(temporal.any()):  # with every head spatial there is nothing to transform
+            from ..kernels.permute import permutation_table
+
+            # Keys and values move to position-major order; the kernel gathers the query rows and
+            # scatters the output rows itself (query_rows), so q and the output are never copied.
+            k, v = (permute_heads(t, plan.perm, temporal, inverse=False, backend=backend) for t in (k, v))
+            query_rows = permutation_table(plan.perm, temporal, heads, seq_len)
         # The key-padding mask needs no permuting: padding is on text tokens, which stay in place.
-        out = block_sparse_attention(
-            q, k, v, indices, counts, block_m=block_m, block_n=block_n, key_padding_mask=call.key_padding_mask
+        return block_sparse_attention(
+            q, k, v, indices, counts, block_m=block_m, block_n=block_n,
+            key_padding_mask=call.key_padding_mask, query_rows=query_rows,
         )
-        return permute_heads(out, plan.perm, temporal, inverse=True, backend=backend) if permute else out
