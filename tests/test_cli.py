@@ -11,8 +11,8 @@ from vdit_sparse.cli import main
 
 def test_generate_with_compare_dense_writes_video_and_summary(tmp_path, capsys):
     out = tmp_path / "clip.mp4"
-    code = main(["generate", "--compare-dense", "--out", str(out), "--steps", "2", "--frames", "9",
-                 "--profile", "sliding-frames", "--seed", "3"])
+    code = main(["generate", "--model", "embedded:cogvideox", "--compare-dense", "--out", str(out), "--steps", "2",
+                 "--frames", "9", "--profile", "sliding-frames", "--seed", "3"])
     assert code == 0
     assert out.stat().st_size > 0
     summary = json.loads(out.with_suffix(".json").read_text())
@@ -26,7 +26,8 @@ def test_generate_with_compare_dense_writes_video_and_summary(tmp_path, capsys):
 
 def test_generate_hunyuan_without_comparison(tmp_path):
     out = tmp_path / "h.mp4"
-    assert main(["generate", "--model", "embedded:hunyuan-video", "--steps", "2", "--out", str(out)]) == 0
+    assert main(["generate", "--model", "embedded:hunyuan-video", "--profile", "hunyuan-video", "--steps", "2",
+                 "--out", str(out)]) == 0
     summary = json.loads(out.with_suffix(".json").read_text())
     assert summary["pipeline"] == "HunyuanVideoPipeline" and "psnr_db" not in summary
 
@@ -38,7 +39,16 @@ def test_bad_profile_exits_with_the_message(tmp_path, capsys):
 
 def test_bad_size_is_refused(tmp_path):
     with pytest.raises(SystemExit, match="--steps must be >= 1, got 0"):
-        main(["generate", "--steps", "0", "--out", str(tmp_path / "x.mp4")])
+        main(["generate", "--model", "embedded:cogvideox", "--steps", "0", "--out", str(tmp_path / "x.mp4")])
+
+
+def test_generate_on_the_reference_model_by_default(tmp_path):
+    out = tmp_path / "ref.mp4"
+    assert main(["generate", "--steps", "3", "--out", str(out)]) == 0
+    summary = json.loads(out.with_suffix(".json").read_text())
+    assert summary["model"] == "embedded:reference" and summary["profile"] == "cogvideox-5b"
+    assert summary["call_args"]["height"] == 64 and summary["call_args"]["num_frames"] == 17
+    assert summary["attention"]["calls"]["svg"] > 0
 
 
 def test_profiles_lists_builtins(capsys):

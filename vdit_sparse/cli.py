@@ -15,8 +15,8 @@ from pathlib import Path
 
 __all__ = ["main"]
 
-DEFAULT_MODEL = "embedded:cogvideox"
-DEFAULT_PROMPT = "a red ball moves right over a blue background"
+DEFAULT_MODEL = "embedded:reference"
+DEFAULT_PROMPT = "red circle moving right"
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -27,10 +27,11 @@ def _build_parser() -> argparse.ArgumentParser:
     gen.add_argument(
         "--model",
         default=DEFAULT_MODEL,
-        help=f"hub id, local directory, or an embedded pipeline (default {DEFAULT_MODEL}; "
-        "embedded:cogvideox, embedded:cogvideox-2b, embedded:cogvideox-1.5, embedded:hunyuan-video)",
+        help=f"hub id, local directory, or an embedded pipeline (default {DEFAULT_MODEL}, the trained "
+        "reference model; random-weight ones: embedded:cogvideox, embedded:cogvideox-2b, "
+        "embedded:cogvideox-1.5, embedded:hunyuan-video)",
     )
-    gen.add_argument("--profile", default="sliding-frames", help="built-in profile name or YAML path")
+    gen.add_argument("--profile", default="cogvideox-5b", help="built-in profile name or YAML path")
     gen.add_argument("--prompt", default=DEFAULT_PROMPT)
     gen.add_argument("--negative-prompt", default=None)
     gen.add_argument("--frames", type=int, default=None, help="video frames (default: the model's demo size)")
@@ -116,7 +117,7 @@ def _cmd_generate(args) -> int:
     import torch
 
     from .api import accelerate_pipeline
-    from .embedded import DEMO_CALL_ARGS, EMBEDDED_MODEL_IDS, load_pipeline
+    from .embedded import call_args_for, load_pipeline
     from .metrics import psnr, relative_l2
     from .profile import load_profile
     from .video import write_video
@@ -125,8 +126,7 @@ def _cmd_generate(args) -> int:
     dtype_name = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
     profile = load_profile(args.profile)  # fail on a bad profile before loading a model
     pipe = load_pipeline(args.model, dtype=getattr(torch, dtype_name), device=device)
-    embedded = EMBEDDED_MODEL_IDS.get(args.model)
-    call_args = _call_args(args, DEMO_CALL_ARGS[embedded[0]] if embedded else {})
+    call_args = _call_args(args, call_args_for(args.model))
 
     report: dict = {
         "model": args.model,
@@ -192,7 +192,7 @@ def _cmd_eval(args) -> int:
 
     import torch
 
-    from .embedded import DEMO_CALL_ARGS, EMBEDDED_MODEL_IDS, load_pipeline
+    from .embedded import call_args_for, load_pipeline
     from .evaluate import DEFAULT_PROMPTS, evaluate_profiles, write_report
     from .profile import load_profile
 
@@ -205,8 +205,7 @@ def _cmd_eval(args) -> int:
     profiles = [load_profile(profile) for profile in args.profiles]  # fail on a bad profile before loading a model
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype_name = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
-    embedded = EMBEDDED_MODEL_IDS.get(args.model)
-    call_args = _call_args(args, DEMO_CALL_ARGS[embedded[0]] if embedded else {})
+    call_args = _call_args(args, call_args_for(args.model))
     out_dir = args.out_dir or Path("benchmarks/results") / ("quality-" + re.sub(r"[^A-Za-z0-9._-]+", "-", args.model))
 
     pipe = load_pipeline(args.model, dtype=getattr(torch, dtype_name), device=device)

@@ -55,6 +55,8 @@ __all__ = [
     "DEMO_CALL_ARGS",
     "EMBEDDED_FAMILIES",
     "EMBEDDED_MODEL_IDS",
+    "REFERENCE_MODEL_ID",
+    "call_args_for",
     "EMBEDDED_TEXT_LEN",
     "build_embedded_pipeline",
     "build_tokenizer",
@@ -501,18 +503,40 @@ def _load_transformer_weights(transformer: torch.nn.Module, path: Path) -> None:
     transformer.load_state_dict(state, strict=True)
 
 
+REFERENCE_MODEL_ID = "embedded:reference"
+"""The trained reference CogVideoX (:mod:`vdit_sparse.reference_model`): real learned attention, small enough for a CPU."""
+
+
+def call_args_for(model: str) -> dict:
+    """Recommended ``pipe(...)`` keyword arguments for an embedded model name; ``{}`` (the pipeline's defaults) otherwise."""
+    if model == REFERENCE_MODEL_ID:
+        from .reference_model import REFERENCE_CALL_ARGS
+
+        return dict(REFERENCE_CALL_ARGS)
+    if model in EMBEDDED_MODEL_IDS:
+        return dict(DEMO_CALL_ARGS[EMBEDDED_MODEL_IDS[model][0]])
+    return {}
+
+
 def load_pipeline(model: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
     """Resolve a model name to a pipeline on ``device``.
 
-    ``model`` is one of :data:`EMBEDDED_MODEL_IDS` (built offline), a local
+    ``model`` is :data:`REFERENCE_MODEL_ID` (the trained reference model), one
+    of :data:`EMBEDDED_MODEL_IDS` (built offline with random weights), a local
     directory saved with ``save_pretrained``, or a hub id; the last two go to
     ``DiffusionPipeline.from_pretrained(model, torch_dtype=dtype)`` unchanged.
     """
+    if model == REFERENCE_MODEL_ID:
+        from .reference_model import build_reference_pipeline
+
+        return build_reference_pipeline(device=device, dtype=dtype)
     if model in EMBEDDED_MODEL_IDS:
         family, variant = EMBEDDED_MODEL_IDS[model]
         return build_embedded_pipeline(family, variant=variant, dtype=dtype).to(device)
     if model.startswith("embedded:"):
-        raise ValueError(f"unknown embedded model {model!r}; expected one of {sorted(EMBEDDED_MODEL_IDS)}")
+        raise ValueError(
+            f"unknown embedded model {model!r}; expected one of {sorted([*EMBEDDED_MODEL_IDS, REFERENCE_MODEL_ID])}"
+        )
 
     from diffusers import DiffusionPipeline
     from diffusers.utils import deprecation_utils
