@@ -38,19 +38,23 @@ def _pad_to_blocks(values: torch.Tensor, block_size: int, fill: int | bool) -> t
     return padded.view(n, block_size)
 
 
-def block_frame_ranges(layout: TokenLayout, block_size: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """First and last latent frame of the video tokens in each block, shape ``(num_blocks,)``.
+def _block_ranges(values: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Smallest and largest non-negative value in each block of ``values`` ``(S,)`` (text is -1).
 
     A block with no video token gets the empty range ``(+big, -big)`` so it
     overlaps nothing.
     """
-    frames = layout.token_frames(device)
-    big = 1 << 30
-    blocks = _pad_to_blocks(frames, block_size, -1)
+    big = 1 << 40
+    blocks = _pad_to_blocks(values, block_size, -1)
     is_video = blocks >= 0
     first = torch.where(is_video, blocks, torch.full_like(blocks, big)).amin(dim=1)
     last = torch.where(is_video, blocks, torch.full_like(blocks, -big)).amax(dim=1)
     return first, last
+
+
+def block_frame_ranges(layout: TokenLayout, block_size: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """First and last latent frame of the video tokens in each block, shape ``(num_blocks,)``."""
+    return _block_ranges(layout.token_frames(device), block_size)
 
 
 def block_has_text(layout: TokenLayout, block_size: int, device=None) -> torch.Tensor:
@@ -64,6 +68,30 @@ def dense_block_mask(layout: TokenLayout, block_m: int, block_n: int, device=Non
     return torch.ones(shape, dtype=torch.bool, device=device)
 
 
+def _band_block_mask(
+    layout: TokenLayout, values: torch.Tensor, block_m: int, block_n: int, width: int
+) -> torch.Tensor:
+    """Keep video pairs with ``|values[i] - values[j]| <= width`` and every text row and column, lifted to blocks.
+
+    Within a block the video tokens are contiguous, so its values span exactly
+    ``[first, last]``, and ranges ``[a0, a1]`` and ``[b0, b1]`` hold a pair
+    within ``width`` iff ``b0 <= a1 + width`` and ``b1 >= a0 - width``.
+    """
+    q_first, q_last = _block_ranges(values, block_m)
+    k_first, k_last = _block_ranges(values, block_n)
+    near = (k_first[None, :] <= q_last[:, None] + width) & (k_last[None, :] >= q_first[:, None] - width)
+    q_text = block_has_text(layout, block_m, values.device)
+    k_text = block_has_text(layout, block_n, values.device)
+    return near | q_text[:, None] | k_text[None, :]
+
+
+def _video_offsets(layout: TokenLayout, device=None) -> torch.Tensor:
+    """Each token's offset within the video span, ``-1`` for text. Shape ``(S,)``."""
+    offsets = torch.full((layout.seq_len,), -1, dtype=torch.long, device=device)
+    offsets[layout.video_start : layout.video_end] = torch.arange(layout.grid.num_tokens, device=device)
+    return offsets
+
+
 def frame_band_block_mask(
     layout: TokenLayout, block_m: int, block_n: int, width_frames: int, device=None
 ) -> torch.Tensor:
@@ -74,40 +102,7 @@ def frame_band_block_mask(
     """
     if width_frames < 0:
         raise ValueError(f"width_frames must be >= 0, got {width_frames}")
-    q_first, q_last = block_frame_ranges(layout, block_m, device)
-    k_first, k_last = block_frame_ranges(layout, block_n, device)
-    q_text = block_has_text(layout, block_m, device)
-    k_text = block_has_text(layout, block_n, device)
-    # Frame ranges [a0, a1] and [b0, b1] hold a pair within w frames iff b0 <= a1 + w and b1 >= a0 - w.
-    near = (k_first[None, :] <= q_last[:, None] + width_frames) & (k_last[None, :] >= q_first[:, None] - width_frames)
-    return near | q_text[:, None] | k_text[None, :]
-
-
-def _block_video_ranges(layout: TokenLayout, block_size: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """First and last video-span offset (0-based within the video) of the video tokens in each block.
-
-    Video tokens in a block are contiguous, so a block's video part is exactly
-    the range ``[first, last]``; a block without video gets ``(+big, -big)``.
-    """
-    offsets = torch.full((layout.seq_len,), -1, dtype=torch.long, device=device)
-    offsets[layout.video_start : layout.video_end] = torch.arange(layout.grid.num_tokens, device=device)
-    big = 1 << 40
-    blocks = _pad_to_blocks(offsets, block_size, -1)
-    is_video = blocks >= 0
-    first = torch.where(is_video, blocks, torch.full_like(blocks, big)).amin(dim=1)
-    last = torch.where(is_video, blocks, torch.full_like(blocks, -big)).amax(dim=1)
-    return first, last
-
-
-def _band_block_mask(layout: TokenLayout, block_size: int, kv_block_size: int | None, width: int, device) -> torch.Tensor:
-    # Ranges [a0, a1] and [b0, b1] hold a pair with |i - j| <= w iff b0 <= a1 + w and b1 >= a0 - w.
-    kv_block_size = kv_block_size or block_size
-    q_first, q_last = _block_video_ranges(layout, block_size, device)
-    k_first, k_last = _block_video_ranges(layout, kv_block_size, device)
-    near = (k_first[None, :] <= q_last[:, None] + width) & (k_last[None, :] >= q_first[:, None] - width)
-    q_text = block_has_text(layout, block_size, device)
-    k_text = block_has_text(layout, kv_block_size, device)
-    return near | q_text[:, None] | k_text[None, :]
+    return _band_block_mask(layout, layout.token_frames(device), block_m, block_n, width_frames)
 
 
 def diagonal_band_block_mask(
@@ -122,7 +117,7 @@ def diagonal_band_block_mask(
     """
     if width_tokens < 0:
         raise ValueError(f"width_tokens must be >= 0, got {width_tokens}")
-    return _band_block_mask(layout, block_size, kv_block_size, width_tokens, device)
+    return _band_block_mask(layout, _video_offsets(layout, device), block_size, kv_block_size or block_size, width_tokens)
 
 
 def frame_to_position_permutation(layout: TokenLayout, device=None) -> torch.Tensor:
@@ -155,7 +150,7 @@ def temporal_band_block_mask(
     """
     if width_frames < 0:
         raise ValueError(f"width_frames must be >= 0, got {width_frames}")
-    return _band_block_mask(layout, block_size, kv_block_size, width_frames, device)
+    return _band_block_mask(layout, _video_offsets(layout, device), block_size, kv_block_size or block_size, width_frames)
 
 
 def vertical_stripe_block_mask(
