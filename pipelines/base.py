@@ -18,7 +18,7 @@ import torch
 from vdit_sparse.context import AttentionCall
 from vdit_sparse.geometry import TokenLayout
 
-__all__ = ["PipelineAdapter", "Dispatcher", "bind_forward_inputs"]
+__all__ = ["PipelineAdapter", "Dispatcher", "RoutingProcessor", "bind_forward_inputs"]
 
 
 class Dispatcher(Protocol):
@@ -37,6 +37,20 @@ def bind_forward_inputs(forward, args: tuple, kwargs: dict) -> dict[str, Any]:
     """Name a forward call's arguments the way its signature does."""
     bound = inspect.signature(forward).bind_partial(*args, **kwargs)
     return dict(bound.arguments)
+
+
+class RoutingProcessor:
+    """Base of the adapters' processors: one per attention layer, holding the model's own processor.
+
+    A subclass's ``__call__`` asks ``dispatcher.sparse_call`` first and hands
+    the whole call to ``original`` when the answer is dense, so dense calls
+    run exactly the code they ran before.
+    """
+
+    def __init__(self, original: Any, layer_index: int, dispatcher: Dispatcher):
+        self.original = original
+        self.layer_index = layer_index
+        self.dispatcher = dispatcher
 
 
 class PipelineAdapter:

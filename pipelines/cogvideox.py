@@ -9,13 +9,11 @@ reach it: the processor below replaces it, computing q, k, v the same way.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from vdit_sparse.geometry import LatentGrid, TokenLayout
 
-from .base import PipelineAdapter
+from .base import PipelineAdapter, RoutingProcessor
 
 __all__ = ["CogVideoXAdapter"]
 
@@ -53,13 +51,8 @@ class CogVideoXAdapter(PipelineAdapter):
         return pipe.decode_latents(latents[:, padding:])
 
 
-class CogVideoXSparseProcessor:
+class CogVideoXSparseProcessor(RoutingProcessor):
     """Routes one CogVideoX attention layer: the original processor when dense, else q, k, v to the dispatcher."""
-
-    def __init__(self, original: Any, layer_index: int, dispatcher):
-        self.original = original
-        self.layer_index = layer_index
-        self.dispatcher = dispatcher
 
     def __call__(
         self,

@@ -11,13 +11,11 @@ key-padding mask.  The token refiner's text-only attention is not touched.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from vdit_sparse.geometry import LatentGrid, TokenLayout
 
-from .base import PipelineAdapter
+from .base import PipelineAdapter, RoutingProcessor
 
 __all__ = ["HunyuanVideoAdapter"]
 
@@ -62,13 +60,8 @@ def _key_padding_mask(attention_mask: torch.Tensor | None, seq_len: int) -> torc
     return attention_mask[:, 0, 0, :]
 
 
-class HunyuanVideoSparseProcessor:
+class HunyuanVideoSparseProcessor(RoutingProcessor):
     """Routes one HunyuanVideo attention layer (dual- or single-stream)."""
-
-    def __init__(self, original: Any, layer_index: int, dispatcher):
-        self.original = original
-        self.layer_index = layer_index
-        self.dispatcher = dispatcher
 
     def __call__(
         self,
@@ -101,14 +94,12 @@ class HunyuanVideoSparseProcessor:
             key = attn.norm_k(key)
         if image_rotary_emb is not None:
             if single_stream:  # RoPE on the video part only
-                query = torch.cat(
-                    [apply_rotary_emb(query[:, :-text_length], image_rotary_emb, sequence_dim=1), query[:, -text_length:]],
-                    dim=1,
-                )
-                key = torch.cat(
-                    [apply_rotary_emb(key[:, :-text_length], image_rotary_emb, sequence_dim=1), key[:, -text_length:]],
-                    dim=1,
-                )
+
+                def rotate_video(x):
+                    video = apply_rotary_emb(x[:, :-text_length], image_rotary_emb, sequence_dim=1)
+                    return torch.cat([video, x[:, -text_length:]], dim=1)
+
+                query, key = rotate_video(query), rotate_video(key)
             else:
                 query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
                 key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)

@@ -14,6 +14,19 @@ from vdit_sparse import accelerate_pipeline
 STEPS = 4  # DEMO_CALL_ARGS' num_inference_steps
 
 
+def record_steps(handle) -> list[tuple[int, int]]:
+    """(step index, call kind) of every transformer forward the handle sees from now on."""
+    seen = []
+    begin = handle._begin_forward
+
+    def spy(*args):
+        begin(*args)
+        seen.append((handle._step.step_index, handle._step.call_kind))
+
+    handle._begin_forward = spy
+    return seen
+
+
 def sparse_profile(window_frames: int, **extra) -> dict:
     return {"name": f"window-{window_frames}", "method": "sliding_frames",
             "params": {"window_frames": window_frames, "block_size": 16, "backend": "reference"}, **extra}
@@ -80,14 +93,7 @@ def test_warmup_steps_and_dense_layers_run_dense(family_pipe):
     _, pipe = family_pipe
     profile = sparse_profile(0, dense_warmup_steps=2, dense_layers=[0])
     with accelerate_pipeline(pipe, profile) as handle:
-        seen = []
-        begin = handle._begin_forward
-
-        def spy(*args):
-            begin(*args)
-            seen.append((handle._step.step_index, handle._step.call_kind))
-
-        handle._begin_forward = spy
+        seen = record_steps(handle)
         run_pipeline(pipe)
         layers = handle.num_layers
         warm, sparse = 2, STEPS - 2
@@ -120,14 +126,7 @@ def test_true_cfg_calls_share_the_step_and_differ_in_call_kind():
 
     pipe = build_embedded_pipeline("hunyuan-video", seed=0)
     with accelerate_pipeline(pipe, sparse_profile(0, dense_warmup_steps=1)) as handle:
-        seen = []
-        begin = handle._begin_forward
-
-        def spy(*args):
-            begin(*args)
-            seen.append((handle._step.step_index, handle._step.call_kind))
-
-        handle._begin_forward = spy
+        seen = record_steps(handle)
         output = run_pipeline(pipe, true_cfg_scale=2.0, negative_prompt="blurry")
         layers = handle.num_layers
         assert seen == [(step, kind) for step in range(STEPS) for kind in (0, 1)]
