@@ -71,7 +71,7 @@ def test_step_tracker_matches_bf16_timesteps_to_the_schedule():
     tracker = StepTracker(Scheduler())
     observed = [tracker.observe(torch.tensor([t], dtype=torch.bfloat16)) for t in Scheduler.timesteps.tolist()]
     assert [(step, kind) for step, _, kind in observed] == [(i, 0) for i in range(5)]
-    assert tracker.observe(torch.tensor(979.0)) == (1, 5, 1)
+    assert tracker.observe(torch.tensor(919.0)) == (4, 5, 1)  # a second call at the same step
     tracker.reset()
     assert tracker.observe(torch.tensor(979.0)) == (1, 5, 0)
 
@@ -79,3 +79,15 @@ def test_step_tracker_matches_bf16_timesteps_to_the_schedule():
 def test_step_tracker_without_a_schedule_counts_new_timesteps():
     tracker = StepTracker(scheduler=None)
     assert [tracker.observe(t)[0] for t in (5.0, 5.0, 3.0, 1.0)] == [0, 0, 1, 2]
+
+
+def test_step_tracker_starts_over_when_steps_go_back():
+    """A run interrupted before the pipeline's reset must not leak its step counts into the next run."""
+
+    class Scheduler:
+        timesteps = torch.tensor([999, 666, 333])
+
+    tracker = StepTracker(Scheduler())
+    assert [tracker.observe(torch.tensor(t))[::2] for t in (999.0, 999.0, 666.0)] == [(0, 0), (0, 1), (1, 0)]
+    assert not tracker.restarted
+    assert tracker.observe(torch.tensor(999.0))[::2] == (0, 0) and tracker.restarted

@@ -45,7 +45,10 @@ class StepTracker:
     (pipelines may cast the timestep to bf16, so exact equality would fail).
     A second forward at the same step (the unconditional call under true CFG)
     gets ``call_kind`` 1.  Without scheduler timesteps (the transformer called
-    by hand) each new timestep value starts a new step.
+    by hand) each new timestep value starts a new step.  A step index lower
+    than the last one means a new run began without the pipeline's reset (an
+    interrupted call, say): the tracker then starts over and says so in
+    :attr:`restarted`.
     """
 
     def __init__(self, scheduler: Any):
@@ -55,7 +58,9 @@ class StepTracker:
     def reset(self) -> None:
         self._calls_per_step: dict[int, int] = {}
         self._last_timestep: float | None = None
+        self._last_step = -1
         self._fallback_step = -1
+        self.restarted = False
 
     def observe(self, timestep: torch.Tensor | float) -> tuple[int, int, int]:
         """-> (step_index, num_steps, call_kind); num_steps is 0 when unknown."""
@@ -69,6 +74,10 @@ class StepTracker:
             if value != self._last_timestep:
                 self._fallback_step += 1
             step, num_steps = self._fallback_step, 0
+        self.restarted = step < self._last_step
+        if self.restarted:
+            self._calls_per_step.clear()
+        self._last_step = step
         self._last_timestep = value
         call_kind = self._calls_per_step.get(step, 0)
         self._calls_per_step[step] = call_kind + 1
@@ -156,15 +165,15 @@ class AccelerationHandle:
     # -- the step context, fed by the transformer hook ------------------------------
 
     def _begin_forward(self, transformer, args, kwargs) -> None:
-        if not self._run_open:  # first forward of a pipeline call
-            self._run_open = True
-            self.stats.reset()
-            for method in {id(m): m for m in self._methods.values() if m is not None}.values():
-                method.reset()
         inputs = bind_forward_inputs(transformer.forward, args, kwargs)
         layout = self.adapter.token_layout(transformer, inputs)
         timestep = self.adapter.timestep(inputs)
         step, num_steps, call_kind = self._tracker.observe(timestep)
+        if not self._run_open or self._tracker.restarted:  # first forward of a pipeline call
+            self._run_open = True
+            self.stats.reset()
+            for method in {id(m): m for m in self._methods.values() if m is not None}.values():
+                method.reset()
         value = float(timestep.flatten()[0]) if torch.is_tensor(timestep) else float(timestep)
         self._step = StepContext(step, num_steps, value, call_kind, layout)
 
