@@ -6,6 +6,7 @@ where it is not, and proof that warm-up steps and dense layers really run dense.
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from conftest import run_pipeline
@@ -132,3 +133,38 @@ def test_true_cfg_calls_share_the_step_and_differ_in_call_kind():
         assert seen == [(step, kind) for step in range(STEPS) for kind in (0, 1)]
         assert handle.stats.calls == {"dense": 2 * layers, "sliding_frames": 2 * (STEPS - 1) * layers}
     assert torch.isfinite(output).all()
+
+
+def test_a_call_interrupted_midway_does_not_leak_into_the_next(family_pipe):
+    """The next call's first step is lower than the last step seen: the handle starts a new run.
+
+    (A call interrupted during its first step cannot be told from a second
+    call at the same step; ``handle.reset()`` covers that case.)
+    """
+    _, pipe = family_pipe
+    profile = sparse_profile(0, dense_warmup_steps=1)
+    with accelerate_pipeline(pipe, profile) as handle:
+        expected = run_pipeline(pipe)
+        calls = dict(handle.stats.calls)
+
+        def stop(pipe, step_index, timestep, callback_kwargs):
+            if step_index == 1:
+                raise KeyboardInterrupt
+            return callback_kwargs
+
+        with pytest.raises(KeyboardInterrupt):
+            run_pipeline(pipe, callback_on_step_end=stop)  # dies after step 1, before the pipeline resets hooks
+        output = run_pipeline(pipe)
+        assert handle.stats.calls == calls
+    assert torch.equal(output, expected)
+
+
+def test_reset_starts_a_new_run(family_pipe):
+    _, pipe = family_pipe
+    with accelerate_pipeline(pipe, sparse_profile(0)) as handle:
+        seen = record_steps(handle)
+        with pytest.raises(KeyboardInterrupt):
+            run_pipeline(pipe, callback_on_step_end=lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+        handle.reset()
+        run_pipeline(pipe)
+        assert seen[0] == (0, 0) and seen[1:] == [(i, 0) for i in range(STEPS)]

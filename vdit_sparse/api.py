@@ -156,6 +156,15 @@ class AccelerationHandle:
         delattr(self.transformer, _HANDLE_ATTR)
         self._removed = True
 
+    def reset(self) -> None:
+        """Forget the current run: the next transformer forward starts a new one.
+
+        The pipeline does this itself after every call; call it after a call
+        that was interrupted during its first step (one interrupted later is
+        recognised when the next call's steps go back).
+        """
+        self._end_run()
+
     def __enter__(self) -> "AccelerationHandle":
         return self
 
