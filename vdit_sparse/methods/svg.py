@@ -48,7 +48,16 @@ from .block_sparse import (
     resolve_backend,
 )
 
-__all__ = ["SVGMethod", "SVGParams", "classify_heads", "svg_token_masks"]
+__all__ = [
+    "SVGMethod",
+    "SVGParams",
+    "band_half_width",
+    "classify_heads",
+    "permute_heads",
+    "row_masks",
+    "sample_rows",
+    "svg_token_masks",
+]
 
 HEAD_KINDS = ("auto", "spatial", "temporal")
 
@@ -144,13 +153,8 @@ def classify_heads(
 
 def svg_token_masks(layout: TokenLayout, block_mask: torch.Tensor, temporal: torch.Tensor, block_m: int, block_n: int) -> torch.Tensor:
     """Token masks ``(B, H, S, S)`` in frame-major order that the SVG kernel path computes (reference only)."""
-    seq_len = layout.seq_len
-    tokens = torch.arange(seq_len, device=block_mask.device)
-    spatial = block_mask[tokens // block_m][:, tokens // block_n]
-    perm = frame_to_position_permutation(layout, device=block_mask.device)
-    where = torch.empty_like(perm)
-    where[perm] = tokens
-    temporal_mask = spatial[where][:, where]
+    every_row = torch.arange(layout.seq_len, device=block_mask.device)
+    spatial, temporal_mask = row_masks(layout, block_mask, every_row, block_m, block_n)
     return torch.where(temporal[:, :, None, None], temporal_mask, spatial)
 
 
