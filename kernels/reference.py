@@ -11,6 +11,7 @@ import math
 import torch
 
 __all__ = [
+    "expand_block_mask",
     "indices_to_block_mask",
     "block_sparse_attention_reference",
     "permute_tokens_reference",
@@ -25,6 +26,12 @@ def indices_to_block_mask(kv_block_indices: torch.Tensor, kv_block_counts: torch
     target = torch.where(listed, kv_block_indices.long(), num_kv_blocks)
     mask.scatter_(-1, target, True)
     return mask[..., :num_kv_blocks]
+
+
+def expand_block_mask(block_mask: torch.Tensor, block_m: int, block_n: int, seq_len: int) -> torch.Tensor:
+    """Block mask ``(..., nQB, nKB)`` -> token mask ``(..., S, S)``: query ``i`` sees key ``j`` iff block ``[i // block_m, j // block_n]`` is kept."""
+    token_mask = block_mask.repeat_interleave(block_m, dim=-2)[..., :seq_len, :]
+    return token_mask.repeat_interleave(block_n, dim=-1)[..., :seq_len]
 
 
 def block_sparse_attention_reference(
@@ -58,8 +65,7 @@ def block_sparse_attention_reference(
         scale = 1.0 / math.sqrt(head_dim)
     num_kv_blocks = -(-seq_len // block_n)
     block_mask = indices_to_block_mask(kv_block_indices, kv_block_counts, num_kv_blocks)
-    token_mask = block_mask.repeat_interleave(block_m, dim=-2)[..., :seq_len, :]
-    token_mask = token_mask.repeat_interleave(block_n, dim=-1)[..., :seq_len]
+    token_mask = expand_block_mask(block_mask, block_m, block_n, seq_len)
     if key_padding_mask is not None:
         token_mask = token_mask & key_padding_mask[:, None, None, :]
     compute = (torch.float64 if q.dtype == torch.float32 else torch.float32) if upcast else q.dtype

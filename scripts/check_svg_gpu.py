@@ -47,7 +47,7 @@ def check(name: str, density: float, max_rows: int = 20000) -> dict:
     out = method.attend(q, k, v, call)
     temporal = method._decisions[call.cache_key][1]
     block_m, block_n = default_block_sizes(head_dim)
-    mask = method.block_mask(q, k, call, block_m, block_n)
+    mask = method.layout_plan(layout, block_m, block_n, q.device).mask[0, 0]
     # Query rows checked: all of them, or an even spread when S x S per head is too large.
     rows = torch.linspace(0, layout.seq_len - 1, min(layout.seq_len, max_rows), device="cuda").round().long()
     spatial_rows, temporal_rows = row_masks(layout, mask, rows, block_m, block_n)

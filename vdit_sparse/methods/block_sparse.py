@@ -9,13 +9,14 @@ kernel and later method is checked against.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar, Optional
 
 import torch
 import torch.nn.functional as F
 
 from ..context import AttentionCall
+from ..geometry import TokenLayout
 from ..patterns import frame_band_block_mask
 from .base import AttentionMethod, register_method
 
@@ -27,7 +28,8 @@ __all__ = [
     "block_sizes_for",
     "masked_block_attention",
     "resolve_backend",
-    "run_block_mask",
+    "BlockPlan",
+    "run_block_plan",
 ]
 
 #: ``auto`` takes the Triton kernel on CUDA and the reference path elsewhere.
@@ -53,9 +55,9 @@ def masked_block_attention(
     tokens (``S x S`` per head), so it is for checking and for small models,
     not for speed.
     """
-    seq_len = q.shape[-2]
-    token_mask = block_mask.repeat_interleave(block_m, dim=-2)[..., :seq_len, :]
-    token_mask = token_mask.repeat_interleave(block_n, dim=-1)[..., :seq_len]
+    from ..kernels.reference import expand_block_mask
+
+    token_mask = expand_block_mask(block_mask, block_m, block_n, q.shape[-2])
     if key_padding_mask is not None:
         token_mask = token_mask & key_padding_mask[:, None, None, :]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=token_mask)
@@ -94,36 +96,92 @@ def block_sizes_for(params: BlockSparseParams, backend: str, head_dim: int) -> t
     return 64, 64
 
 
-def run_block_mask(q, k, v, mask, block_m, block_n, key_padding_mask, backend) -> torch.Tensor:
-    """Attention of q, k, v ``(B, H, S, D)`` under a block mask ``(Bm, Hm, nQB, nKB)`` on one backend."""
-    if backend == "reference":
-        return masked_block_attention(q, k, v, mask, block_m, block_n, key_padding_mask)
-    from ..kernels.block_sparse_attention import block_sparse_attention
-    from ..kernels.indices import block_mask_to_indices
+@dataclass(eq=False)
+class BlockPlan:
+    """A block mask with what every call derives from it: its density and the kernel's index lists.
 
-    heads = q.shape[1]
-    indices, counts = block_mask_to_indices(mask.expand(mask.shape[0], heads, *mask.shape[2:]))
+    Methods whose mask depends only on the token layout keep one plan per
+    layout (:meth:`BlockSparseMethod.layout_plan`), so the density (a device
+    sync) and the index lists (a sort) are computed once per run, not once
+    per attention call.
+    """
+
+    mask: torch.Tensor  # bool (Bm, Hm, num_q_blocks, num_kv_blocks), Bm in {1, B}, Hm in {1, H}
+    density: float
+    _indices: dict = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_mask(cls, mask: torch.Tensor) -> "BlockPlan":
+        return cls(mask, mask.float().mean().item())
+
+    def kernel_indices(self, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(kv_block_indices, kv_block_counts)`` for ``heads`` heads, built on first use."""
+        if heads not in self._indices:
+            from ..kernels.indices import block_mask_to_indices
+
+            mask = self.mask
+            self._indices[heads] = block_mask_to_indices(mask.expand(mask.shape[0], heads, *mask.shape[2:]))
+        return self._indices[heads]
+
+
+def run_block_plan(q, k, v, plan: BlockPlan, block_m, block_n, key_padding_mask, backend, query_rows=None):
+    """Attention of q, k, v ``(B, H, S, D)`` under ``plan`` on one backend.
+
+    ``query_rows`` (kernel only) fuses a token permutation of q and of the
+    output into the kernel, see :func:`~vdit_sparse.kernels.block_sparse_attention.block_sparse_attention`.
+    """
+    if backend == "reference":
+        if query_rows is not None:
+            raise ValueError("query_rows is a kernel feature; the reference path takes explicit token masks")
+        return masked_block_attention(q, k, v, plan.mask, block_m, block_n, key_padding_mask)
+    from ..kernels.block_sparse_attention import block_sparse_attention
+
+    indices, counts = plan.kernel_indices(q.shape[1])
     return block_sparse_attention(
-        q, k, v, indices, counts, block_m=block_m, block_n=block_n, key_padding_mask=key_padding_mask
+        q, k, v, indices, counts, block_m=block_m, block_n=block_n,
+        key_padding_mask=key_padding_mask, query_rows=query_rows,
     )
 
 
 class BlockSparseMethod(AttentionMethod):
-    """Base for methods that compute a block mask per call and attend with it."""
+    """Base for methods that attend under a block mask.
+
+    A method whose mask depends only on the token layout implements
+    :meth:`layout_block_mask` and gets one cached :class:`BlockPlan` per
+    layout; a method whose mask changes from call to call overrides
+    :meth:`block_plan` instead.
+    """
 
     Params: ClassVar[type] = BlockSparseParams
 
-    def block_mask(self, q: torch.Tensor, k: torch.Tensor, call: AttentionCall, block_m: int, block_n: int) -> torch.Tensor:
-        """Bool ``(Bm, Hm, num_q_blocks, num_kv_blocks)`` with ``Bm`` in {1, B}, ``Hm`` in {1, H}."""
+    def __init__(self, params):
+        super().__init__(params)
+        self._plans: dict = {}
+
+    def layout_block_mask(self, layout: TokenLayout, block_m: int, block_n: int, device) -> torch.Tensor:
+        """Bool ``(Bm, Hm, num_q_blocks, num_kv_blocks)`` for a layout."""
         raise NotImplementedError
+
+    def build_plan(self, layout: TokenLayout, block_m: int, block_n: int, device) -> BlockPlan:
+        return BlockPlan.from_mask(self.layout_block_mask(layout, block_m, block_n, device))
+
+    def layout_plan(self, layout: TokenLayout, block_m: int, block_n: int, device) -> BlockPlan:
+        """The plan for a layout, built on first use and kept (layouts recur at every step and layer)."""
+        key = (layout, block_m, block_n, str(device))
+        if key not in self._plans:
+            self._plans[key] = self.build_plan(layout, block_m, block_n, device)
+        return self._plans[key]
+
+    def block_plan(self, q: torch.Tensor, k: torch.Tensor, call: AttentionCall, block_m: int, block_n: int) -> BlockPlan:
+        return self.layout_plan(call.layout, block_m, block_n, q.device)
 
     def attend(self, q, k, v, call):
         backend = resolve_backend(self.params.backend, q)
         block_m, block_n = block_sizes_for(self.params, backend, q.shape[-1])
-        mask = self.block_mask(q, k, call, block_m, block_n)
+        plan = self.block_plan(q, k, call, block_m, block_n)
         batch, heads, seq_len, _ = q.shape
-        call.stats.record(self.name, mask.float().mean().item(), batch * heads, seq_len)
-        return run_block_mask(q, k, v, mask, block_m, block_n, call.key_padding_mask, backend)
+        call.stats.record(self.name, plan.density, batch * heads, seq_len)
+        return run_block_plan(q, k, v, plan, block_m, block_n, call.key_padding_mask, backend)
 
 
 @dataclass
@@ -141,20 +199,11 @@ class SlidingFramesMethod(BlockSparseMethod):
     """Each video token attends to latent frames within +-``window_frames`` of its own, plus all text.
 
     The simplest structured pattern; it exercises the whole block-sparse path
-    end to end.  The mask depends only on the layout, so it is built once per
-    layout and reused.
+    end to end.
     """
 
     name = "sliding_frames"
     Params = SlidingFramesParams
 
-    def __init__(self, params):
-        super().__init__(params)
-        self._masks: dict = {}
-
-    def block_mask(self, q, k, call, block_m, block_n):
-        key = (call.layout, block_m, block_n, q.device)
-        if key not in self._masks:
-            mask = frame_band_block_mask(call.layout, block_m, block_n, self.params.window_frames, device=q.device)
-            self._masks[key] = mask[None, None]
-        return self._masks[key]
+    def layout_block_mask(self, layout, block_m, block_n, device):
+        return frame_band_block_mask(layout, block_m, block_n, self.params.window_frames, device=device)[None, None]

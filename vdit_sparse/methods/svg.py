@@ -42,10 +42,12 @@ from ..geometry import TokenLayout
 from ..patterns import diagonal_band_block_mask, frame_to_position_permutation
 from .base import register_method
 from .block_sparse import (
+    BlockPlan,
     BlockSparseMethod,
     BlockSparseParams,
     block_sizes_for,
     resolve_backend,
+    run_block_plan,
 )
 
 __all__ = [
@@ -169,17 +171,14 @@ def permute_heads(x: torch.Tensor, perm: torch.Tensor, selected: torch.Tensor, *
     return permute_tokens_reference(x, perm, inverse=inverse, heads=selected)
 
 
-@dataclass
-class _LayoutPlan:
-    """Everything SVG derives from one layout and block size, built once and reused across calls."""
+@dataclass(eq=False, kw_only=True)
+class SVGPlan(BlockPlan):
+    """The band (the same for every head) plus what classification and the layout transformation need."""
 
-    mask: torch.Tensor  # (nQB, nKB) band, the same for every head
-    density: float
     perm: torch.Tensor  # frame-major -> position-major token order
     rows: torch.Tensor  # sampled query positions for classification
-    spatial_rows: torch.Tensor
+    spatial_rows: torch.Tensor  # (R, S) token masks of those rows
     temporal_rows: torch.Tensor
-    kernel_indices: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 @register_method
@@ -189,27 +188,23 @@ class SVGMethod(BlockSparseMethod):
 
     def __init__(self, params):
         super().__init__(params)
-        self._plans: dict = {}
         self._decisions: dict[tuple[int, int], tuple[int, torch.Tensor]] = {}
 
     def reset(self) -> None:
         self._decisions.clear()
 
-    def plan(self, layout: TokenLayout, block_m: int, block_n: int, device) -> _LayoutPlan:
-        key = (layout, block_m, block_n, str(device))
-        if key not in self._plans:
-            width = band_half_width(layout, self.params.density)
-            mask = diagonal_band_block_mask(layout, block_m, width, kv_block_size=block_n, device=device)
-            rows = sample_rows(layout, self.params.num_samples, device)
-            spatial_rows, temporal_rows = row_masks(layout, mask, rows, block_m, block_n)
-            perm = frame_to_position_permutation(layout, device=device)
-            self._plans[key] = _LayoutPlan(mask, mask.float().mean().item(), perm, rows, spatial_rows, temporal_rows)
-        return self._plans[key]
+    def build_plan(self, layout, block_m, block_n, device) -> SVGPlan:
+        width = band_half_width(layout, self.params.density)
+        band = diagonal_band_block_mask(layout, block_m, width, kv_block_size=block_n, device=device)
+        rows = sample_rows(layout, self.params.num_samples, device)
+        spatial_rows, temporal_rows = row_masks(layout, band, rows, block_m, block_n)
+        return SVGPlan(
+            band[None, None], band.float().mean().item(),
+            perm=frame_to_position_permutation(layout, device=device),
+            rows=rows, spatial_rows=spatial_rows, temporal_rows=temporal_rows,
+        )
 
-    def block_mask(self, q, k, call, block_m, block_n):
-        return self.plan(call.layout, block_m, block_n, q.device).mask
-
-    def head_kinds(self, q, k, v, call: AttentionCall, plan: _LayoutPlan) -> torch.Tensor:
+    def head_kinds(self, q, k, v, call: AttentionCall, plan: SVGPlan) -> torch.Tensor:
         """Bool ``(B, H)``, True for temporal heads; classified or reused from an earlier step."""
         batch, heads = q.shape[:2]
         if self.params.head_kind != "auto":
@@ -225,21 +220,15 @@ class SVGMethod(BlockSparseMethod):
     def attend(self, q, k, v, call):
         backend = resolve_backend(self.params.backend, q)
         block_m, block_n = block_sizes_for(self.params, backend, q.shape[-1])
-        plan = self.plan(call.layout, block_m, block_n, q.device)
+        plan = self.layout_plan(call.layout, block_m, block_n, q.device)
         temporal = self.head_kinds(q, k, v, call, plan)
         batch, heads, seq_len, _ = q.shape
         call.stats.record(self.name, plan.density, batch * heads, seq_len)
         if backend == "reference":
-            token_mask = svg_token_masks(call.layout, plan.mask, temporal, block_m, block_n)
+            token_mask = svg_token_masks(call.layout, plan.mask[0, 0], temporal, block_m, block_n)
             if call.key_padding_mask is not None:
                 token_mask = token_mask & call.key_padding_mask[:, None, None, :]
             return F.scaled_dot_product_attention(q, k, v, attn_mask=token_mask)
-        from ..kernels.block_sparse_attention import block_sparse_attention
-        from ..kernels.indices import block_mask_to_indices
-
-        if plan.kernel_indices is None or plan.kernel_indices[0].shape[1] != heads:
-            plan.kernel_indices = block_mask_to_indices(plan.mask[None, None].expand(1, heads, *plan.mask.shape))
-        indices, counts = plan.kernel_indices
         query_rows = None
         if bool(temporal.any()):  # with every head spatial there is nothing to transform
             from ..kernels.permute import permutation_table
@@ -249,7 +238,4 @@ class SVGMethod(BlockSparseMethod):
             k, v = (permute_heads(t, plan.perm, temporal, inverse=False, backend=backend) for t in (k, v))
             query_rows = permutation_table(plan.perm, temporal, heads, seq_len)
         # The key-padding mask needs no permuting: padding is on text tokens, which stay in place.
-        return block_sparse_attention(
-            q, k, v, indices, counts, block_m=block_m, block_n=block_n,
-            key_padding_mask=call.key_padding_mask, query_rows=query_rows,
-        )
+        return run_block_plan(q, k, v, plan, block_m, block_n, call.key_padding_mask, backend, query_rows)
