@@ -41,6 +41,7 @@ __all__ = [
     "REFERENCE_CONFIG",
     "build_reference_pipeline",
     "init_reference_pipeline",
+    "read_training_summary",
     "save_reference_weights",
 ]
 
@@ -187,6 +188,20 @@ def save_reference_weights(pipe, path: str | os.PathLike, training: Mapping[str,
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(state, str(path), metadata=metadata)
     return path
+
+
+def read_training_summary(weights: str | os.PathLike | None = None) -> dict | None:
+    """The training summary ``scripts/train_reference_model.py`` stored in a weights file.
+
+    A resumed run nests the summary of the run it continued under ``resumed_from``.
+    ``None`` when the file holds none; ``weights=None`` reads :data:`DEFAULT_WEIGHTS_PATH`.
+    """
+    from safetensors import safe_open
+
+    path = Path(weights) if weights is not None else DEFAULT_WEIGHTS_PATH
+    with safe_open(str(path), framework="pt") as handle:
+        summary = (handle.metadata() or {}).get("training")
+    return None if summary is None else json.loads(summary)
 
 
 def build_reference_pipeline(

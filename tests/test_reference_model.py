@@ -1,0 +1,89 @@
+"""The shipped reference model, its training script and its prompt-adherence detector."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from vdit_sparse.reference_model import (
+    DEFAULT_WEIGHTS_PATH,
+    REFERENCE_CONFIG,
+    build_reference_pipeline,
+    read_training_summary,
+)
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+sys.path.insert(0, str(SCRIPTS))
+
+import check_prompt_adherence as adherence  # noqa: E402
+import train_reference_model as training  # noqa: E402
+
+
+def test_shipped_weights_fit_the_issue_limits():
+    """At most 25 MB, trained in at most 15 minutes on one GPU (stored by the training script)."""
+    assert DEFAULT_WEIGHTS_PATH.stat().st_size <= 25e6
+    summary = read_training_summary()
+    assert summary is not None and summary["device"].startswith("NVIDIA")
+    assert summary.get("total_wall_seconds", summary["wall_seconds"]) <= 15 * 60
+
+
+def test_shipped_weights_load_into_the_real_classes():
+    pipe = build_reference_pipeline()
+    assert type(pipe).__name__ == "CogVideoXPipeline"
+    assert type(pipe.transformer).__name__ == "CogVideoXTransformer3DModel"
+    assert pipe.transformer.config.num_layers == REFERENCE_CONFIG["transformer"]["num_layers"]
+    assert not any(parameter.requires_grad for parameter in pipe.transformer.parameters())
+
+
+def test_missing_and_mismatched_weights_are_refused(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        build_reference_pipeline(tmp_path / "absent.safetensors")
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(DEFAULT_WEIGHTS_PATH), framework="pt") as handle:
+        metadata = dict(handle.metadata())
+        state = {key: handle.get_tensor(key) for key in handle.keys()}
+    config = json.loads(metadata["config"])
+    config["transformer"]["num_layers"] += 1
+    save_file(state, str(tmp_path / "other.safetensors"), metadata=dict(metadata, config=json.dumps(config)))
+    with pytest.raises(ValueError, match=r"transformer\.num_layers"):
+        build_reference_pipeline(tmp_path / "other.safetensors")
+
+
+def test_training_script_runs_and_resumes_on_cpu(tmp_path):
+    """Two CPU steps of each phase, then two resumed steps (the first at the warm-up's zero learning
+    rate): the summary chains, the weights load, and the text encoder learned."""
+    first, second = tmp_path / "first.safetensors", tmp_path / "second.safetensors"
+    small = ["--device", "cpu", "--batch-size", "1", "--vae-batch-size", "1"]
+    assert training.main([*small, "--steps", "2", "--vae-steps", "2", "--out", str(first), "--log", str(tmp_path / "a.json")]) == 0
+    assert training.main(
+        [*small, "--steps", "2", "--resume", str(first), "--seed", "1", "--high-noise-share", "0.5",
+         "--out", str(second), "--log", str(tmp_path / "b.json")]
+    ) == 0
+    summary = read_training_summary(second)
+    assert summary["transformer_steps"] == 2 and summary["resumed_from"]["transformer_steps"] == 2
+    assert summary["total_transformer_steps"] == 4
+    assert summary["vae_steps"] == summary["resumed_from"]["vae_steps"] == 2
+    log = json.loads((tmp_path / "b.json").read_text())
+    assert "vae" not in log and log["transformer"]["text_encoder_lr"] > 0
+    # the text encoder trained: its weights moved from the first file's
+    before, after = build_reference_pipeline(first).text_encoder, build_reference_pipeline(second).text_encoder
+    assert any(not torch.equal(a, b) for a, b in zip(before.parameters(), after.parameters()))
+
+
+def test_adherence_detector_reads_the_training_videos():
+    """On rendered single-shape videos the detector finds the described colour and direction."""
+    videos, labels = adherence.training_videos(40, "cpu", seed=7)
+    frames = adherence.to_frames(videos)
+    verdicts = [adherence.judge(video, *label) for video, label in zip(frames, labels)]
+    assert adherence.accuracy(verdicts)["both"] >= 0.95, [v for v in verdicts if not (v["colour_ok"] and v["direction_ok"])]
+    # and it can say no: the same videos judged against another colour, or against the opposite direction
+    opposite = {"left": "right", "right": "left", "up": "down", "down": "up"}
+    other = {colour: adherence.CHROMATIC[(adherence.CHROMATIC.index(colour) + 3) % 7] for colour in adherence.CHROMATIC}
+    assert not any(adherence.judge(video, other[c], d)["colour_ok"] for video, (c, d) in zip(frames, labels))
+    assert not any(adherence.judge(video, c, opposite[d])["direction_ok"] for video, (c, d) in zip(frames, labels))
