@@ -17,14 +17,7 @@ import argparse
 from pathlib import Path
 
 from vdit_sparse.embedded import REFERENCE_MODEL_ID, call_args_for, load_pipeline
-from vdit_sparse.evaluate import evaluate_profiles, write_report
-
-PROMPTS = (
-    "red circle moving right",
-    "blue square moving left spinning",
-    "yellow triangle moving down and green ring moving up",
-)
-
+from vdit_sparse.evaluate import DEFAULT_PROMPTS, evaluate_profiles, write_report
 
 def budget_profile(density: float, head_kind: str) -> dict:
     label = "svg" if head_kind == "auto" else "spatial-only"
@@ -49,7 +42,7 @@ def main():
     pipe = load_pipeline(REFERENCE_MODEL_ID)
     pipe.set_progress_bar_config(disable=True)
     results = evaluate_profiles(
-        pipe, profiles, PROMPTS, args.seeds, call_args_for(REFERENCE_MODEL_ID),
+        pipe, profiles, DEFAULT_PROMPTS, args.seeds, call_args_for(REFERENCE_MODEL_ID),
         model_name=REFERENCE_MODEL_ID, warmup=False, progress=print,
     )
     for path in write_report(results, args.out_dir).values():

@@ -50,12 +50,11 @@ from .profile import Profile, ResolvedProfile, load_profile
 __all__ = ["DEFAULT_PROMPTS", "evaluate_profiles", "write_report", "markdown_table"]
 
 DEFAULT_PROMPTS = (
-    "a red ball moves right over a blue background",
-    "a yellow square rotates slowly in the center",
-    "two small white circles bounce across a dark field",
-    "the camera pans left over green grass under a blue sky",
+    "red circle moving right",
+    "blue square moving left spinning",
+    "yellow triangle moving down and green ring moving up",
 )
-"""A fixed prompt set for reports (words the embedded tokenizer knows)."""
+"""A fixed prompt set for reports, in the words the reference model was trained on."""
 
 ProfileLike = Union[str, Path, dict, Profile, ResolvedProfile]
 
