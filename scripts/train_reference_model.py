@@ -189,7 +189,9 @@ class ShapeVideos:
         window = F.grid_sample(frames_of, grid.view(batch * frames, size, size, 2), mode="bilinear", align_corners=False)
         return window.view(batch, frames, 3, size, size)
 
-    def sample(self, batch: int) -> tuple[torch.Tensor, list[str]]:
+    def sample(self, batch: int, with_coverage: bool = False):
+        """``batch`` videos and their prompts; with ``with_coverage`` also the shapes' coverage
+        ``(B, T, H, W)`` in [0, 1] (how much of each pixel the shapes cover)."""
         scenes = [self._scene() for _ in range(batch)]
         device, frames, size, slots = self.device, self.frames, self.size, self.MAX_SHAPES
         fields = ("kind", "texture", "x0", "y0", "vx", "vy", "angle0", "spin", "size0", "growth")
@@ -253,7 +255,11 @@ class ShapeVideos:
             a = alpha[:, k, :, None]
             video = video * (1 - a) + a * shade
         video = video.clamp(0, 1) * 2 - 1
-        return video.permute(0, 2, 1, 3, 4).contiguous(), [prompt for _, _, prompt in scenes]
+        video, prompts = video.permute(0, 2, 1, 3, 4).contiguous(), [prompt for _, _, prompt in scenes]
+        if not with_coverage:
+            return video, prompts
+        coverage = 1 - torch.prod(1 - alpha, dim=1)  # (B, T, H, W): union of the shapes
+        return video, prompts, coverage
 
 
 # ---------------------------------------------------------------------------
@@ -373,6 +379,20 @@ def prompt_similarity(pipe, device: torch.device) -> dict:
     }
 
 
+def latent_coverage(coverage: torch.Tensor, latent_shape: torch.Size) -> torch.Tensor:
+    """Pixel coverage ``(B, T, H, W)`` pooled onto the latents ``(B, F, C, h, w)``: ``(B, F, 1, h, w)``.
+
+    The causal VAE keeps frame 0 alone and then compresses time in pairs; each
+    latent frame takes the largest coverage of the frames it holds and the mean
+    over the pixels of each latent pixel.
+    """
+    batch, frames, _, height, width = latent_shape
+    first, rest = coverage[:, :1], coverage[:, 1:]
+    pairs = rest.reshape(batch, frames - 1, -1, *rest.shape[-2:]).amax(dim=2)
+    timed = torch.cat([first, pairs], dim=1)  # (B, F, H, W)
+    return F.adaptive_avg_pool2d(timed, (height, width))[:, :, None]
+
+
 def train_transformer(pipe, data: ShapeVideos, args, deadline: float, log: dict) -> None:
     """Train the transformer and, jointly, the small T5 text encoder (a frozen random T5
     gives nearly identical embeddings to prompts one word apart, so text conditioning stays weak)."""
@@ -408,7 +428,10 @@ def train_transformer(pipe, data: ShapeVideos, args, deadline: float, log: dict)
         progress = max(step / args.steps, (time.perf_counter() - start) / budget)
         for group in optimizer.param_groups:
             group["lr"] = group["base_lr"] * _lr_factor(progress)
-        video, prompts = data.sample(args.batch_size)
+        if args.foreground_weight > 0:
+            video, prompts, coverage = data.sample(args.batch_size, with_coverage=True)
+        else:
+            video, prompts = data.sample(args.batch_size)
         # classifier-free guidance: the pipeline's unconditional branch encodes the empty prompt
         prompts = ["" if data.rng.random() < args.cfg_dropout else prompt for prompt in prompts]
         with torch.no_grad(), _autocast(device):
@@ -436,7 +459,12 @@ def train_transformer(pipe, data: ShapeVideos, args, deadline: float, log: dict)
                 image_rotary_emb=rotary,
                 return_dict=False,
             )[0]
-        loss = F.mse_loss(output.float(), target)
+        if args.foreground_weight > 0:
+            # weight the shapes' latents up, so their form and motion count beside the background
+            weight = 1 + args.foreground_weight * latent_coverage(coverage, latents.shape)
+            loss = (weight * (output.float() - target) ** 2).mean() / weight.mean()
+        else:
+            loss = F.mse_loss(output.float(), target)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         for module, _ in trained:
@@ -471,6 +499,7 @@ def train_transformer(pipe, data: ShapeVideos, args, deadline: float, log: dict)
         "ema_decay": args.ema_decay,
         "cfg_dropout": args.cfg_dropout,
         "high_noise_share": args.high_noise_share,
+        "foreground_weight": args.foreground_weight,
         "saved": "EMA weights" + (" (transformer and text encoder)" if args.text_lr > 0 else ""),
         "prompt_similarity_before": similarity_before,
         "prompt_similarity_after": prompt_similarity(pipe, device),
@@ -497,6 +526,12 @@ def main(argv=None) -> int:
     parser.add_argument("--cfg-dropout", type=float, default=0.1)
     parser.add_argument(
         "--high-noise-share", type=float, default=0.0, help="share of samples drawn from the noisier half of the timesteps"
+    )
+    parser.add_argument(
+        "--foreground-weight",
+        type=float,
+        default=0.0,
+        help="extra loss weight on latents the shapes cover (0: plain MSE)",
     )
     parser.add_argument(
         "--resume",
