@@ -76,7 +76,8 @@ def judge(video: np.ndarray, colour: str, direction: str) -> dict:
     frames = [t for t in range(mask.shape[0]) if mask[t].sum() >= MIN_PIXELS]
     seen_direction, velocity = None, None
     if len(frames) >= 2:
-        centroids = np.array([[np.nonzero(mask[t])[1].mean(), np.nonzero(mask[t])[0].mean()] for t in frames])  # (x, y)
+        rows_cols = [np.nonzero(mask[t]) for t in frames]
+        centroids = np.array([[cols.mean(), rows.mean()] for rows, cols in rows_cols])  # (x, y)
         times = np.array(frames, dtype=np.float64)
         velocity = np.polyfit(times, centroids, 1)[0]  # px per frame, (vx, vy); +y is down
         vx, vy = velocity
