@@ -2,9 +2,10 @@
 
 For every chromatic colour of the training data (red, orange, yellow, green,
 blue, purple, pink) and every direction (left, right, up, down) the model is
-sampled once with the prompt "<colour> <shape> moving <direction>" (the shape
-cycles through the six shapes; seed = prompt index), and once with the empty
-prompt and the same seed as a control. Each decoded video is then judged by a
+sampled ``--repeats`` times (default 3, so 84 videos) with the prompt
+"<colour> <shape> moving <direction>" (the shape cycles through the six shapes;
+seed = video index), and each time once more with the empty prompt and the same
+seed as a control. Each decoded video is then judged by a
 pixel detector:
 
 - colour: pixels that are saturated (max - min channel >= 0.3) and within 0.3
@@ -20,8 +21,8 @@ The detector is checked first on the training data itself: single-shape,
 untextured, chromatic videos from the training renderer, raw and after a round
 trip through the model's VAE. Its accuracy there is the ceiling for the model.
 
-Writes a JSON report and a PNG grid (rows: colours, columns: directions; in
-each cell frames 0, 8 and 16)::
+Writes a JSON report and a PNG grid of the first repeat (rows: colours,
+columns: directions; in each cell frames 0, 8 and 16)::
 
     python scripts/check_prompt_adherence.py --device cuda     # docs/reference-adherence.{json,png}
 """
@@ -176,10 +177,13 @@ def main(argv=None) -> int:
     parser.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS_PATH)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch", type=int, default=None, help="videos per pipeline call (default 28 on a GPU, 4 on the CPU)")
+    parser.add_argument("--repeats", type=int, default=3, help="videos per (colour, direction), each with its own seed and shape")
     parser.add_argument("--detector-videos", type=int, default=200)
     parser.add_argument("--json", type=Path, default=REPO / "docs" / "reference-adherence.json")
     parser.add_argument("--png", type=Path, default=REPO / "docs" / "reference-adherence.png")
     args = parser.parse_args(argv)
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
     batch = args.batch or (28 if str(args.device).startswith("cuda") else 4)
 
     started = time.perf_counter()
@@ -188,7 +192,7 @@ def main(argv=None) -> int:
     detector = check_detector(pipe, args.detector_videos, args.device, seed=1234)
     print(f"detector on training videos: {detector}", flush=True)
 
-    cases = [(colour, direction) for colour, direction in product(CHROMATIC, DIRECTIONS)]
+    cases = list(product(CHROMATIC, DIRECTIONS)) * args.repeats
     prompts = [f"{colour} {SHAPES[i % len(SHAPES)]} moving {direction}" for i, (colour, direction) in enumerate(cases)]
     seeds = list(range(len(prompts)))
     call_args = dict(REFERENCE_CALL_ARGS)
@@ -213,14 +217,19 @@ def main(argv=None) -> int:
             "on_training_videos": detector,
         },
         "chance": {"colour": round(1 / len(CHROMATIC), 4), "direction": 0.25},
+        "repeats": args.repeats,
         "prompted": accuracy(verdicts),
+        "prompted_by_direction": {
+            direction: accuracy([v for v in verdicts if v["direction"] == direction]) for direction in DIRECTIONS
+        },
         "empty_prompt_same_seeds": accuracy(controls),
         "videos": [dict(verdict, prompt=prompt, seed=seed) for verdict, prompt, seed in zip(verdicts, prompts, seeds)],
         "seconds": round(time.perf_counter() - started, 1),
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=1) + "\n")
-    write_grid(prompted, prompts, verdicts, args.png)
+    shown = len(CHROMATIC) * len(DIRECTIONS)
+    write_grid(prompted[:shown], prompts[:shown], verdicts[:shown], args.png)
     print(json.dumps({key: report[key] for key in ("prompted", "empty_prompt_same_seeds", "chance", "seconds")}), flush=True)
     return 0
 
