@@ -69,8 +69,6 @@ sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
 from vdit_sparse.reference_model import (  # noqa: E402
     REFERENCE_CALL_ARGS,
-    REFERENCE_CONFIG,
-    _plain,
     build_reference_pipeline,
     init_reference_pipeline,
     read_training_summary,
@@ -406,64 +404,6 @@ def latent_coverage(coverage: torch.Tensor, latent_shape: torch.Size) -> torch.T
     return F.adaptive_avg_pool2d(timed, (height, width))[:, :, None]
 
 
-POSITION_TABLE = "patch_embed.pos_embedding"
-
-
-def load_for_resume(path: Path):
-    """The pipeline in ``path`` for further training.
-
-    Like :func:`build_reference_pipeline`, but weights written before the
-    transformer had a learned position table (``use_learned_positional_embeddings``)
-    are accepted too: such a model computed exactly what the same weights with an
-    all-zero table compute, so the table starts at zero.
-    """
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as handle:
-        metadata = handle.metadata() or {}
-        if "transformer." + POSITION_TABLE in handle.keys():
-            return build_reference_pipeline(path)
-        state = {key: handle.get_tensor(key) for key in handle.keys()}
-    config = json.loads(metadata["config"])
-    expected = dict(_plain(REFERENCE_CONFIG)["transformer"], use_learned_positional_embeddings=False)
-    if config.get("transformer") != expected or {k: v for k, v in config.items() if k != "transformer"} != {
-        k: v for k, v in _plain(REFERENCE_CONFIG).items() if k != "transformer"
-    }:
-        raise SystemExit(f"--resume {path}: trained with another architecture than REFERENCE_CONFIG")
-    pipe = init_reference_pipeline(vae_scaling_factor=float(metadata["vae_scaling_factor"]))
-    for prefix in ("transformer", "vae", "text_encoder"):
-        module = getattr(pipe, prefix)
-        part = {key[len(prefix) + 1 :]: tensor.float() for key, tensor in state.items() if key.startswith(prefix + ".")}
-        if prefix == "transformer":
-            part[POSITION_TABLE] = torch.zeros_like(module.state_dict()[POSITION_TABLE])
-        module.load_state_dict(part, strict=True)
-        module.eval().requires_grad_(False)
-    return pipe
-
-
-def set_up_position_table(transformer, scale: float, fresh: bool) -> bool:
-    """Make the transformer's learned position table a trained parameter; ``True`` if it trains.
-
-    ``scale`` 0 keeps the table at zero: the model is then RoPE-only. Otherwise
-    the table of a ``fresh`` model, or a resumed one whose table is still zero
-    (a RoPE-only run), starts at ``scale`` times diffusers' 3D sin-cos table,
-    and a resumed trained table is kept. The patch embeddings' norm is about 9
-    and the full sin-cos table's about 11, so 0.25 perturbs a trained model
-    gently; training grows the table where it helps.
-    """
-    embed = transformer.patch_embed
-    table = embed.pos_embedding
-    if scale == 0:
-        table.zero_()
-        return False
-    if fresh or not table.abs().any():
-        sincos = embed._get_positional_embeddings(embed.sample_height, embed.sample_width, embed.sample_frames)
-        table = scale * sincos.to(table)
-    del embed._buffers["pos_embedding"]  # a buffer in diffusers (it loads the table), a parameter here
-    embed.pos_embedding = torch.nn.Parameter(table.detach().clone())
-    return True
-
-
 def train_transformer(pipe, data: ShapeVideos, args, deadline: float, log: dict) -> None:
     """Train the transformer and, jointly, the small T5 text encoder (a frozen random T5
     gives nearly identical embeddings to prompts one word apart, so text conditioning stays weak)."""
@@ -482,7 +422,6 @@ def train_transformer(pipe, data: ShapeVideos, args, deadline: float, log: dict)
         REFERENCE_CALL_ARGS["height"], REFERENCE_CALL_ARGS["width"], frames, device
     )
     similarity_before = prompt_similarity(pipe, device)
-    position_table_trains = set_up_position_table(transformer, args.position_embedding_scale, fresh=args.resume is None)
     transformer.train().requires_grad_(True)
     # the T5 stays in eval mode (no dropout) but learns
     text_encoder.eval().requires_grad_(args.text_lr > 0)
@@ -579,11 +518,6 @@ def train_transformer(pipe, data: ShapeVideos, args, deadline: float, log: dict)
         "cfg_dropout": args.cfg_dropout,
         "high_noise_share": args.high_noise_share,
         "foreground_weight": args.foreground_weight,
-        "position_table": {
-            "trained": position_table_trains,
-            "initial_scale": args.position_embedding_scale,
-            "final_rms": round(transformer.patch_embed.pos_embedding.float().pow(2).mean().sqrt().item(), 4),
-        },
         "saved": "EMA weights" + (" (transformer and text encoder)" if args.text_lr > 0 else ""),
         "prompt_similarity_before": similarity_before,
         "prompt_similarity_after": prompt_similarity(pipe, device),
@@ -619,12 +553,6 @@ def main(argv=None) -> int:
         "benchmarks/results/reference-experiments/)",
     )
     parser.add_argument(
-        "--position-embedding-scale",
-        type=float,
-        default=0.25,
-        help="the learned position table starts at this times the 3D sin-cos table (0: no table, RoPE only)",
-    )
-    parser.add_argument(
         "--resume",
         type=Path,
         default=None,
@@ -647,7 +575,7 @@ def main(argv=None) -> int:
         previous = read_training_summary(args.resume)
         if previous is None:
             raise SystemExit(f"--resume {args.resume}: the file holds no training summary; was it written by this script?")
-        pipe = load_for_resume(args.resume)
+        pipe = build_reference_pipeline(args.resume)
     else:
         pipe = init_reference_pipeline(seed=args.seed)
     for component in pipe.components.values():

@@ -78,11 +78,7 @@ REFERENCE_CONFIG: Mapping[str, Mapping[str, object]] = MappingProxyType(
                 "temporal_compression_ratio": 2,  # must match the VAE
                 "max_text_seq_length": _TEXT_LEN,
                 "use_rotary_positional_embeddings": True,  # the 5B style
-                # plus a learned absolute position table added to the patch embeddings, as
-                # CogVideoX-5B-I2V has: RoPE alone left the model unable to tell "moving left"
-                # from "moving right" (a time-reversed video). The table fixes the size the
-                # model runs at: 64 x 64 pixels (diffusers refuses others) and 17 frames.
-                "use_learned_positional_embeddings": True,
+                "use_learned_positional_embeddings": False,
             }
         ),
         # AutoencoderKLCogVideoX keyword arguments, scaling_factor excepted: that is measured
