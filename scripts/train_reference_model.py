@@ -20,27 +20,29 @@ Data (DESIGN.md section 6: attention only becomes spatial or temporal when the
 data has local spatial correlation and motion everywhere): each video is a
 smooth multi-octave noise canvas seen through a window that pans 0.5-1.5
 pixels a frame, with one to three coloured shapes (circle, square, rectangle,
-triangle, ring, star; some striped or spotted) moving left, right, up or down,
-some spinning, growing or shrinking, drawn in order so they occlude one
-another. The prompt describes them: "striped red circle moving left spinning
-and blue square moving up", "yellow star moving right, camera pans left".
+triangle, ring, star; some striped or spotted) moving left, right, up or down
+at 1.5-3 pixels a frame, some spinning, growing or shrinking, drawn in order so
+they occlude one another. The prompt describes them: "striped red circle moving
+left spinning and blue square moving up", "yellow star moving right, camera
+pans left". The scene statistics are the constants below ``CHANGES``.
 
 Text: the tokenizer and the small T5 of the embedded CogVideoX pipeline. A
 frozen random T5 gives nearly the same embedding to prompts one word apart
-(cosine 0.95), so the T5 trains together with the transformer (its own learning rate, ``--text-lr``);
-both are saved as EMA weights.
+(cosine 0.95), so the T5 trains together with the transformer (its own
+learning rate, ``--text-lr``); both are saved as EMA weights.
 
 The shipped weights (assets/reference-cogvideox.safetensors) came from two
-runs on one H200, 875 s in all (the cap is 15 minutes; one device command may
+runs on one H200, 880 s in all (the cap is 15 minutes; one device command may
 run 10)::
 
-    python scripts/train_reference_model.py --max-seconds 545 --out stage1.safetensors
-    python scripts/train_reference_model.py --resume stage1.safetensors --seed 1 --max-seconds 360 \
+    python scripts/train_reference_model.py --max-seconds 510 --high-noise-share 0.3 --out stage1.safetensors
+    python scripts/train_reference_model.py --resume stage1.safetensors --seed 1 --max-seconds 400 \
         --lr 3e-4 --text-lr 6e-4 --high-noise-share 0.3
 
-The first run's log is benchmarks/results/reference-training.json; the second
-run's summary (and the first's) is stored in the weights file's metadata
-(``vdit_sparse.reference_model.read_training_summary()``).
+Their logs are benchmarks/results/reference-training.json and
+reference-training-stage2.json; both summaries are stored in the weights
+file's metadata too (``vdit_sparse.reference_model.read_training_summary()``).
+Runs that were measured but not shipped: benchmarks/results/reference-experiments/.
 
 A quick CPU check of the whole path::
 

@@ -4,11 +4,12 @@ Random weights say nothing about quality: their attention is unstructured, so
 any sparse pattern looks as good (or as bad) as any other. This module builds
 a real ``CogVideoXPipeline`` around a small ``CogVideoXTransformer3DModel``
 (6 layers, 8 heads of 32 dims, RoPE as in CogVideoX-5B, patch 2) and a small
-``AutoencoderKLCogVideoX``, both trained by ``scripts/train_reference_model.py``
-on procedurally generated videos of coloured shapes moving over panning,
-smoothly textured backgrounds. The tokenizer and the frozen, randomly
-initialised T5 text encoder are those of the embedded CogVideoX pipeline
-(:mod:`vdit_sparse.embedded`). ``assets/REFERENCE_MODEL.md`` is its model card.
+``AutoencoderKLCogVideoX``, trained by ``scripts/train_reference_model.py`` on
+procedurally generated videos of coloured shapes moving over panning, smoothly
+textured backgrounds. The tokenizer and the small T5 text encoder are those of
+the embedded CogVideoX pipeline (:mod:`vdit_sparse.embedded`); the T5 was
+trained together with the transformer, and its weights are stored with theirs.
+``assets/REFERENCE_MODEL.md`` is its model card.
 
 Example::
 
