@@ -16,6 +16,12 @@ pixel detector:
   there are at least 3 of them; a least-squares fit over frames gives its
   velocity, and its dominant axis and sign give the direction. Correct if it
   is the prompted one (chance: 1 in 4).
+- shape: in every third of those frames whose mask has at least 30 pixels and
+  does not touch the border, each of the six shapes of the renderer is drawn
+  centred on the mask's centroid, scaled to the mask's area and turned in 10
+  degree steps; its best intersection-over-union with the mask is its score.
+  The shape with the highest mean score is the video's. Correct if it is the
+  prompted one (chance: 1 in 6).
 
 The detector is checked first on the training data itself: single-shape,
 untextured, chromatic videos from the training renderer, raw and after a round
@@ -32,6 +38,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import re
 import sys
 import time
@@ -46,7 +53,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 sys.path.insert(0, str(REPO / "scripts"))
 
-from train_reference_model import COLOURS, DIRECTIONS, SHAPES, ShapeVideos  # noqa: E402
+from train_reference_model import COLOURS, DIRECTIONS, SHAPES, ShapeVideos, shape_distance, shape_distances  # noqa: E402
 
 from vdit_sparse.reference_model import DEFAULT_WEIGHTS_PATH, REFERENCE_CALL_ARGS, build_reference_pipeline  # noqa: E402
 from vdit_sparse.video import frames_to_array  # noqa: E402
@@ -56,6 +63,9 @@ PALETTE = np.array([COLOURS[name] for name in CHROMATIC], dtype=np.float32)
 MIN_SATURATION = 0.3
 MAX_DISTANCE = 0.3
 MIN_PIXELS = 3
+SHAPE_ANGLES = 36  # template rotations tried, 10 degrees apart
+MIN_SHAPE_PIXELS = 30  # frames with a smaller mask, or one touching the border, are not used for the shape
+SHAPE_FRAME_STRIDE = 3  # every third frame with the colour is matched against the templates
 SINGLE_SHAPE = re.compile(rf"^({'|'.join(CHROMATIC)}) ({'|'.join(SHAPES)}) moving ({'|'.join(DIRECTIONS)})(, camera pans \w+)?$")
 
 
@@ -68,8 +78,47 @@ def colour_masks(video: np.ndarray) -> np.ndarray:
     return np.stack([accepted & (nearest == index) for index in range(len(CHROMATIC))])
 
 
-def judge(video: np.ndarray, colour: str, direction: str) -> dict:
-    """The detector's reading of one video against the prompted colour and direction."""
+def _unit_areas() -> torch.Tensor:
+    """Area of each of the SHAPES at radius 1 (fine-grid estimate)."""
+    grid = torch.linspace(-2, 2, 801)
+    step = float(grid[1] - grid[0])
+    inside = shape_distances(grid.view(1, -1), grid.view(-1, 1)) < 0
+    return inside.flatten(1).sum(1).double() * step * step
+
+
+UNIT_AREAS = _unit_areas()
+ROTATIONS = torch.arange(SHAPE_ANGLES) * (2 * math.pi / SHAPE_ANGLES)
+
+
+def shape_scores(mask: np.ndarray) -> np.ndarray | None:
+    """How well each of the SHAPES fits a frame's mask (H, W): the best IoU over rotations.
+
+    Each template is centred on the mask's centroid and scaled to the mask's
+    area, as the renderer draws it (hard edge). ``None`` when the frame says
+    little about shape: too few pixels, or the mask touches the frame's border.
+    """
+    area = int(mask.sum())
+    if area < MIN_SHAPE_PIXELS or mask[0].any() or mask[-1].any() or mask[:, 0].any() or mask[:, -1].any():
+        return None
+    rows, cols = np.nonzero(mask)
+    height, width = mask.shape
+    dx = torch.arange(width, dtype=torch.float32).view(1, 1, -1) - float(cols.mean())
+    dy = torch.arange(height, dtype=torch.float32).view(1, -1, 1) - float(rows.mean())
+    cos, sin = torch.cos(ROTATIONS).view(-1, 1, 1), torch.sin(ROTATIONS).view(-1, 1, 1)
+    u, w = cos * dx + sin * dy, -sin * dx + cos * dy  # (rotations, H, W)
+    target = torch.from_numpy(mask)
+    scores = np.zeros(len(SHAPES))
+    for index, kind in enumerate(SHAPES):
+        radius = math.sqrt(area / float(UNIT_AREAS[index]))  # the radius that gives the mask's area
+        template = shape_distance(kind, u / radius, w / radius) < 0
+        intersection = (template & target).flatten(1).sum(1)
+        union = (template | target).flatten(1).sum(1)
+        scores[index] = float((intersection / union.clamp(min=1)).max())
+    return scores
+
+
+def judge(video: np.ndarray, colour: str, direction: str, shape: str | None = None) -> dict:
+    """The detector's reading of one video against the prompted colour, direction and (optionally) shape."""
     masks = colour_masks(video)
     fractions = masks.reshape(len(CHROMATIC), -1).mean(1)
     seen_colour = CHROMATIC[int(fractions.argmax())] if fractions.max() > 0 else None
@@ -86,7 +135,7 @@ def judge(video: np.ndarray, colour: str, direction: str) -> dict:
             seen_direction = "right" if vx > 0 else "left"
         else:
             seen_direction = "down" if vy > 0 else "up"
-    return {
+    verdict = {
         "colour": colour,
         "direction": direction,
         "seen_colour": seen_colour,
@@ -97,6 +146,17 @@ def judge(video: np.ndarray, colour: str, direction: str) -> dict:
         "colour_ok": seen_colour == colour,
         "direction_ok": seen_direction == direction,
     }
+    if shape is not None:
+        per_frame = [scores for t in frames[::SHAPE_FRAME_STRIDE] if (scores := shape_scores(mask[t])) is not None]
+        mean = np.mean(per_frame, axis=0) if per_frame else None
+        seen_shape = SHAPES[int(mean.argmax())] if mean is not None else None
+        verdict.update(
+            shape=shape,
+            seen_shape=seen_shape,
+            shape_iou={name: round(float(score), 3) for name, score in zip(SHAPES, mean)} if mean is not None else None,
+            shape_ok=seen_shape == shape,
+        )
+    return verdict
 
 
 def accuracy(verdicts: list[dict]) -> dict:
@@ -106,11 +166,13 @@ def accuracy(verdicts: list[dict]) -> dict:
         "colour": round(sum(v["colour_ok"] for v in verdicts) / count, 4),
         "direction": round(sum(v["direction_ok"] for v in verdicts) / count, 4),
         "both": round(sum(v["colour_ok"] and v["direction_ok"] for v in verdicts) / count, 4),
+        **({"shape": round(sum(v["shape_ok"] for v in verdicts) / count, 4)} if all("shape_ok" in v for v in verdicts) else {}),
     }
 
 
-def training_videos(count: int, device: str, seed: int) -> tuple[torch.Tensor, list[tuple[str, str]]]:
-    """``count`` training videos with one untextured chromatic shape, (B, 3, T, H, W) in [-1, 1], with (colour, direction)."""
+def training_videos(count: int, device: str, seed: int) -> tuple[torch.Tensor, list[tuple[str, str, str]]]:
+    """``count`` training videos with one untextured chromatic shape, (B, 3, T, H, W) in [-1, 1],
+    with (colour, direction, shape)."""
     data = ShapeVideos(REFERENCE_CALL_ARGS["num_frames"], REFERENCE_CALL_ARGS["height"], device, seed)
     videos, labels = [], []
     while len(labels) < count:
@@ -119,7 +181,7 @@ def training_videos(count: int, device: str, seed: int) -> tuple[torch.Tensor, l
             match = SINGLE_SHAPE.match(prompt)
             if match and len(labels) < count:
                 videos.append(video)
-                labels.append((match.group(1), match.group(3)))
+                labels.append((match.group(1), match.group(3), match.group(2)))
     return torch.stack(videos), labels
 
 
@@ -193,18 +255,19 @@ def main(argv=None) -> int:
     print(f"detector on training videos: {detector}", flush=True)
 
     cases = list(product(CHROMATIC, DIRECTIONS)) * args.repeats
-    prompts = [f"{colour} {SHAPES[i % len(SHAPES)]} moving {direction}" for i, (colour, direction) in enumerate(cases)]
+    shapes = [SHAPES[i % len(SHAPES)] for i in range(len(cases))]
+    prompts = [f"{colour} {shape} moving {direction}" for (colour, direction), shape in zip(cases, shapes)]
     seeds = list(range(len(prompts)))
     call_args = dict(REFERENCE_CALL_ARGS)
     print("prompted:", flush=True)
     prompted = generate(pipe, prompts, seeds, call_args, batch)
     print("empty prompt, same seeds:", flush=True)
     unprompted = generate(pipe, [""] * len(prompts), seeds, call_args, batch)
-    verdicts = [judge(video, *case) for video, case in zip(prompted, cases)]
-    controls = [judge(video, *case) for video, case in zip(unprompted, cases)]
+    verdicts = [judge(video, *case, shape) for video, case, shape in zip(prompted, cases, shapes)]
+    controls = [judge(video, *case, shape) for video, case, shape in zip(unprompted, cases, shapes)]
 
     report = {
-        "what": "prompt adherence of the dense reference model: colour and direction read off decoded pixels",
+        "what": "prompt adherence of the dense reference model: colour, direction and shape read off decoded pixels",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "weights": str(args.weights),
         "device": torch.cuda.get_device_name() if str(args.device).startswith("cuda") else "cpu",

@@ -116,6 +116,33 @@ def _direction_word(dx: float, dy: float) -> str:
     return "down" if dy > 0 else "up"
 
 
+def shape_distance(kind: str, u: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Signed distance-like value of one of the SHAPES at shape-local coordinates.
+
+    ``u`` and ``w`` are in units of the shape's radius (the frame that turns and
+    scales with the shape); the value is < 0 inside, in the same units.
+    """
+    if kind == "circle":
+        return torch.sqrt(u * u + w * w + 1e-8) - 1.0
+    if kind == "square":
+        return torch.maximum(u.abs(), w.abs()) - 0.85
+    if kind == "rectangle":
+        return torch.maximum(u.abs() - 1.2, w.abs() - 0.55)
+    if kind == "triangle":  # circumradius 1.1
+        sides = [u * math.cos(a) + w * math.sin(a) for a in (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)]
+        return torch.stack(sides).amax(0) - 0.55
+    if kind == "ring":
+        return (torch.sqrt(u * u + w * w + 1e-8) - 0.75).abs() - 0.25
+    if kind == "star":  # five-pointed
+        return torch.sqrt(u * u + w * w + 1e-8) - (0.72 + 0.28 * torch.cos(5 * torch.atan2(w, u)))
+    raise ValueError(f"unknown shape {kind!r}; shapes: {SHAPES}")
+
+
+def shape_distances(u: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """:func:`shape_distance` of every one of the SHAPES, stacked first."""
+    return torch.stack([shape_distance(kind, u, w) for kind in SHAPES])
+
+
 class ShapeVideos:
     """Random videos ``(B, 3, T, H, W)`` in [-1, 1] with prompts that describe them.
 
@@ -236,23 +263,7 @@ class ShapeVideos:
         # shape-local coordinates in units of the shape's radius (they rotate and scale with it)
         u = (torch.cos(theta) * dx + torch.sin(theta) * dy) / scale
         w = (-torch.sin(theta) * dx + torch.cos(theta) * dy) / scale
-        r = torch.sqrt(u * u + w * w + 1e-8)
-        phi = torch.atan2(w, u)
-        triangle = torch.stack(
-            [u * math.cos(a) + w * math.sin(a) for a in (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)]
-        ).amax(0)
-        # signed distance-like values, < 0 inside, in radius units
-        distance = torch.stack(
-            [
-                r - 1.0,  # circle
-                torch.maximum(u.abs(), w.abs()) - 0.85,  # square
-                torch.maximum(u.abs() - 1.2, w.abs() - 0.55),  # rectangle
-                triangle - 0.55,  # triangle (circumradius 1.1)
-                (r - 0.75).abs() - 0.25,  # ring
-                r - (0.72 + 0.28 * torch.cos(5 * phi)),  # five-pointed star
-            ]
-        )
-        distance = torch.gather(distance, 0, kind.long()[None, :, :, None, None, None].expand(1, -1, -1, frames, size, size))[0]
+        distance = torch.gather(shape_distances(u, w), 0, kind.long()[None, :, :, None, None, None].expand(1, -1, -1, frames, size, size))[0]
         alpha = torch.sigmoid(-distance * scale / 0.6) * present[:, :, None, None, None]  # 0.6 px soft edge
 
         # textures live in shape-local pixels, so they move, turn and scale with the shape

@@ -77,13 +77,18 @@ def test_training_script_runs_and_resumes_on_cpu(tmp_path):
 
 
 def test_adherence_detector_reads_the_training_videos():
-    """On rendered single-shape videos the detector finds the described colour and direction."""
+    """On rendered single-shape videos the detector finds the described colour, direction and shape."""
     videos, labels = adherence.training_videos(40, "cpu", seed=7)
     frames = adherence.to_frames(videos)
     verdicts = [adherence.judge(video, *label) for video, label in zip(frames, labels)]
-    assert adherence.accuracy(verdicts)["both"] >= 0.95, [v for v in verdicts if not (v["colour_ok"] and v["direction_ok"])]
-    # and it can say no: the same videos judged against another colour, or against the opposite direction
+    scores = adherence.accuracy(verdicts)
+    assert scores["both"] >= 0.95, [v for v in verdicts if not (v["colour_ok"] and v["direction_ok"])]
+    assert scores["shape"] >= 0.95, [(v["shape"], v["shape_iou"]) for v in verdicts if not v["shape_ok"]]
+    assert {shape for _, _, shape in labels} == set(adherence.SHAPES)  # every shape was tried
+    # and it can say no: the same videos judged against another colour, the opposite direction, another shape
     opposite = {"left": "right", "right": "left", "up": "down", "down": "up"}
     other = {colour: adherence.CHROMATIC[(adherence.CHROMATIC.index(colour) + 3) % 7] for colour in adherence.CHROMATIC}
-    assert not any(adherence.judge(video, other[c], d)["colour_ok"] for video, (c, d) in zip(frames, labels))
-    assert not any(adherence.judge(video, c, opposite[d])["direction_ok"] for video, (c, d) in zip(frames, labels))
+    next_shape = {shape: adherence.SHAPES[(adherence.SHAPES.index(shape) + 1) % 6] for shape in adherence.SHAPES}
+    assert not any(adherence.judge(video, other[c], d)["colour_ok"] for video, (c, d, _) in zip(frames, labels))
+    assert not any(adherence.judge(video, c, opposite[d])["direction_ok"] for video, (c, d, _) in zip(frames, labels))
+    assert not any(adherence.judge(video, c, d, next_shape[s])["shape_ok"] for video, (c, d, s) in zip(frames, labels))
