@@ -102,11 +102,15 @@ CHANGES = ("", "spinning", "growing", "shrinking")
 # it is made large against where a shape happens to start: a shape crosses 24-48 px
 # of the 64 px frame in 17 frames, and its path's midpoint lies within 8 px of the
 # frame's centre. (The first retrained model saw 0.8-2 px a frame and 12 px of
-# jitter, and followed the prompt's colour but not its direction.)
+# jitter, and followed the prompt's colour but not its direction.) Larger, plainer
+# shapes (radius 12-16 px, 85% single, 80% untextured, 70% rigid) were tried for the
+# shape word and did not teach it: benchmarks/results/reference-experiments/.
 SHAPE_COUNT_WEIGHTS = (0.7, 0.25, 0.05)  # one, two or three shapes
 SPEED_RANGE = (1.5, 3.0)  # pixels a frame
 MIDPOINT_JITTER = 8.0  # pixels, each axis
 RADIUS_RANGE = (8.0, 12.0)  # pixels
+TEXTURE_WEIGHTS = (0.6, 0.2, 0.2)  # of TEXTURES, in scenes of one or two shapes
+CHANGE_WEIGHTS = (0.5, 0.2, 0.15, 0.15)  # of CHANGES, likewise
 PAN_PHRASE_SHARE = 0.5  # single-shape prompts that also name the camera's pan
 
 
@@ -169,8 +173,8 @@ class ShapeVideos:
         for colour in colours:
             kind = rng.choice(SHAPES)
             # three shapes fill the 16 text tokens with "colour shape moving dir" alone
-            texture = rng.choices(TEXTURES, weights=(0.6, 0.2, 0.2))[0] if count < 3 else ""
-            change = rng.choices(CHANGES, weights=(0.5, 0.2, 0.15, 0.15))[0] if count < 3 else ""
+            texture = rng.choices(TEXTURES, weights=TEXTURE_WEIGHTS)[0] if count < 3 else ""
+            change = rng.choices(CHANGES, weights=CHANGE_WEIGHTS)[0] if count < 3 else ""
             direction = rng.choice(sorted(DIRECTIONS))
             angle = math.atan2(DIRECTIONS[direction][1], DIRECTIONS[direction][0]) + rng.uniform(-0.2, 0.2)
             speed = rng.uniform(*SPEED_RANGE)
