@@ -315,6 +315,53 @@ def _autocast(device: torch.device):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
+class PhaseTimer:
+    """Where a training step's time goes, with ``--time-phases``.
+
+    ``mark(name)`` charges the time since the previous mark to ``name``. CUDA runs
+    asynchronously, so each mark first waits for the device (which slows training
+    a little: the option is for measuring, not for the shipped runs). Disabled, a
+    mark does nothing. Steps before ``skip`` (cuDNN autotuning, allocator growth)
+    are not counted.
+    """
+
+    def __init__(self, enabled: bool, device: torch.device, skip: int = 20):
+        self.enabled, self.device, self.skip = enabled, device, skip
+        self.totals: dict[str, float] = {}
+        self.steps = 0
+        self._last = None
+
+    def _now(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def start_step(self, step: int) -> None:
+        if self.enabled:
+            self._counting = step >= self.skip
+            self.steps += self._counting
+            self._last = self._now()
+
+    def mark(self, name: str) -> None:
+        if not self.enabled:
+            return
+        now = self._now()
+        if self._counting:
+            self.totals[name] = self.totals.get(name, 0.0) + now - self._last
+        self._last = now
+
+    def report(self) -> dict | None:
+        """Mean milliseconds per step for each phase, and their share of the step."""
+        if not self.enabled or self.steps == 0:
+            return None
+        total = sum(self.totals.values())
+        return {
+            "steps_measured": self.steps,
+            "ms_per_step": {name: round(1e3 * seconds / self.steps, 2) for name, seconds in self.totals.items()},
+            "share": {name: round(seconds / total, 3) for name, seconds in self.totals.items()},
+        }
+
+
 def train_vae(vae, data: ShapeVideos, args, deadline: float, log: dict) -> None:
     device = data.device
     vae.train().requires_grad_(True)
@@ -452,7 +499,9 @@ def train_transformer(pipe, data: ShapeVideos, args, deadline: float, log: dict)
     start, losses, step, steady_from = time.perf_counter(), [], 0, None
     budget = max(1e-6, deadline - start)
     text_len = REFERENCE_CALL_ARGS["max_sequence_length"]
+    timer = PhaseTimer(args.time_phases, device)
     while step < args.steps and time.perf_counter() < deadline:
+        timer.start_step(step)
         progress = max(step / args.steps, (time.perf_counter() - start) / budget)
         for group in optimizer.param_groups:
             group["lr"] = group["base_lr"] * _lr_factor(progress)
@@ -462,12 +511,15 @@ def train_transformer(pipe, data: ShapeVideos, args, deadline: float, log: dict)
             video, prompts = data.sample(args.batch_size)
         # classifier-free guidance: the pipeline's unconditional branch encodes the empty prompt
         prompts = ["" if data.rng.random() < args.cfg_dropout else prompt for prompt in prompts]
+        timer.mark("render")
         with torch.no_grad(), _autocast(device):
             latents = vae.encode(video).latent_dist.sample(generator=data.generator).float()
+        timer.mark("vae_encode")
         with torch.set_grad_enabled(args.text_lr > 0), _autocast(device):
             text, _ = pipe.encode_prompt(
                 prompts, do_classifier_free_guidance=False, max_sequence_length=text_len, device=device
             )
+        timer.mark("text_encode")
         # the pipeline's latents are (B, F, C, H, W) and scaled by the VAE's scaling factor
         latents = latents.permute(0, 2, 1, 3, 4) * vae.config.scaling_factor
         noise = torch.randn(latents.shape, device=device, generator=data.generator)
@@ -493,18 +545,23 @@ def train_transformer(pipe, data: ShapeVideos, args, deadline: float, log: dict)
             loss = (weight * (output.float() - target) ** 2).mean() / weight.mean()
         else:
             loss = F.mse_loss(output.float(), target)
+        timer.mark("noise_and_forward")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        timer.mark("backward")
         for module, _ in trained:
             torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
         optimizer.step()
+        timer.mark("clip_and_optimizer")
         step += 1
         decay = min(args.ema_decay, (1 + step) / (10 + step))
         with torch.no_grad():
             for average, live in averages:
                 for averaged, current in zip(average.parameters(), live.parameters()):
                     averaged.lerp_(current, 1 - decay)
+        timer.mark("ema")
         losses.append(loss.item())
+        timer.mark("loss_readback")
         if step == 20:
             steady_from = time.perf_counter()  # past cuDNN's autotuning and the allocator's growth
         if step % 200 == 0 or step == 1:
@@ -539,6 +596,8 @@ def train_transformer(pipe, data: ShapeVideos, args, deadline: float, log: dict)
         "prompt_similarity_before": similarity_before,
         "prompt_similarity_after": prompt_similarity(pipe, device),
     }
+    if args.time_phases:
+        log["transformer"]["phases"] = timer.report()
 
 
 def main(argv=None) -> int:
@@ -568,6 +627,12 @@ def main(argv=None) -> int:
         default=0.0,
         help="extra loss weight on latents the shapes cover (0: plain MSE; 5 for 285 s gave oversized blobs, "
         "benchmarks/results/reference-experiments/)",
+    )
+    parser.add_argument(
+        "--time-phases",
+        action="store_true",
+        help="measure where each transformer step's time goes (waits for the GPU at each phase, so a little slower); "
+        "recorded in the log under transformer.phases",
     )
     parser.add_argument(
         "--resume",
