@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -74,6 +75,25 @@ def test_training_script_runs_and_resumes_on_cpu(tmp_path):
     # the text encoder trained: its weights moved from the first file's
     before, after = build_reference_pipeline(first).text_encoder, build_reference_pipeline(second).text_encoder
     assert any(not torch.equal(a, b) for a, b in zip(before.parameters(), after.parameters()))
+
+
+def test_phase_timer_charges_each_phase_after_the_warm_up():
+    timer = training.PhaseTimer(True, torch.device("cpu"), skip=1)
+    for step in range(3):
+        timer.start_step(step)
+        time.sleep(0.002)
+        timer.mark("short")
+        time.sleep(0.02)
+        timer.mark("long")
+    report = timer.report()
+    assert report["steps_measured"] == 2  # step 0 is warm-up
+    assert set(report["ms_per_step"]) == {"short", "long"}
+    assert report["ms_per_step"]["long"] >= 20 > report["ms_per_step"]["short"] >= 2
+    assert abs(sum(report["share"].values()) - 1) < 0.01
+    off = training.PhaseTimer(False, torch.device("cpu"))
+    off.start_step(30)
+    off.mark("anything")
+    assert off.report() is None
 
 
 def test_adherence_detector_reads_the_training_videos():
