@@ -233,10 +233,15 @@ class ShapeVideos:
         window = F.grid_sample(frames_of, grid.view(batch * frames, size, size, 2), mode="bilinear", align_corners=False)
         return window.view(batch, frames, 3, size, size)
 
-    def sample(self, batch: int, with_coverage: bool = False):
+    def sample(self, batch: int, with_coverage: bool = False, scenes: list | None = None):
         """``batch`` videos and their prompts; with ``with_coverage`` also the shapes' coverage
-        ``(B, T, H, W)`` in [0, 1] (how much of each pixel the shapes cover)."""
-        scenes = [self._scene() for _ in range(batch)]
+        ``(B, T, H, W)`` in [0, 1] (how much of each pixel the shapes cover).
+
+        ``scenes`` renders the given ``(shapes, pan, prompt)`` triples (as ``_scene`` draws
+        them) instead of drawing ``batch`` new ones; the backgrounds are still drawn.
+        """
+        scenes = [self._scene() for _ in range(batch)] if scenes is None else list(scenes)
+        batch = len(scenes)
         device, frames, size, slots = self.device, self.frames, self.size, self.MAX_SHAPES
         fields = ("kind", "texture", "x0", "y0", "vx", "vy", "angle0", "spin", "size0", "growth")
         table = torch.zeros(len(fields), batch, slots)

@@ -22,6 +22,7 @@ sys.path.insert(0, str(SCRIPTS))
 
 import check_prompt_adherence as adherence  # noqa: E402
 import train_reference_model as training  # noqa: E402
+import word_sensitivity  # noqa: E402
 
 
 def test_shipped_weights_fit_the_issue_limits():
@@ -112,3 +113,26 @@ def test_adherence_detector_reads_the_training_videos():
     assert not any(adherence.judge(video, other[c], d)["colour_ok"] for video, (c, d, _) in zip(frames, labels))
     assert not any(adherence.judge(video, c, opposite[d])["direction_ok"] for video, (c, d, _) in zip(frames, labels))
     assert not any(adherence.judge(video, c, d, next_shape[s])["shape_ok"] for video, (c, d, s) in zip(frames, labels))
+
+
+def test_word_swaps_change_one_word_in_the_prompt_and_the_pixels():
+    data = training.ShapeVideos(17, 64, "cpu", seed=3)
+    scene = word_sensitivity.plain_scenes(data, 1)[0]
+    shapes, _, prompt, (colour, shape, direction) = scene
+    assert prompt.startswith(f"{colour} {shape} moving {direction}")
+    for word in word_sensitivity.WORDS:
+        new_shapes, _, new_prompt = word_sensitivity.swapped(scene, word)
+        changed = [a for a, b in zip(prompt.split(), new_prompt.split()) if a != b]
+        assert len(changed) == 1 and len(prompt.split()) == len(new_prompt.split())
+        old, new = shapes[0], new_shapes[0]
+        differing = {key for key in old if old[key] != new[key]}
+        assert differing == {"colour": {"colour"}, "shape": {"kind"}, "direction": {"x0", "y0", "vx", "vy"}}[word]
+        if word == "direction":  # the reversed path passes the same point at the middle frame
+            for position, velocity in (("x0", "vx"), ("y0", "vy")):
+                assert abs((old[position] + 8 * old[velocity]) - (new[position] + 8 * new[velocity])) < 1e-9
+    # the same seed renders the same background: the unchanged scene gives identical latents
+    pipe = build_reference_pipeline()
+    first = word_sensitivity.render_latents(pipe, data, [scene[:3]], seed=5)
+    again = word_sensitivity.render_latents(pipe, data, [scene[:3]], seed=5)
+    other = word_sensitivity.render_latents(pipe, data, [word_sensitivity.swapped(scene, "shape")], seed=5)
+    assert torch.equal(first, again) and not torch.equal(first, other)
