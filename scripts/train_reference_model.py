@@ -561,9 +561,8 @@ def train_transformer(pipe, data: ShapeVideos, args, deadline: float, log: dict)
         step += 1
         decay = min(args.ema_decay, (1 + step) / (10 + step))
         with torch.no_grad():
-            for average, live in averages:
-                for averaged, current in zip(average.parameters(), live.parameters()):
-                    averaged.lerp_(current, 1 - decay)
+            for average, live in averages:  # one fused update per module, not one per tensor
+                torch._foreach_lerp_(list(average.parameters()), list(live.parameters()), 1 - decay)
         timer.mark("ema")
         losses.append(loss.item())
         timer.mark("loss_readback")

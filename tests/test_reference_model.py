@@ -136,3 +136,10 @@ def test_word_swaps_change_one_word_in_the_prompt_and_the_pixels():
     again = word_sensitivity.render_latents(pipe, data, [scene[:3]], seed=5)
     other = word_sensitivity.render_latents(pipe, data, [word_sensitivity.swapped(scene, "shape")], seed=5)
     assert torch.equal(first, again) and not torch.equal(first, other)
+
+
+@pytest.mark.parametrize("flag", [["--steps", "0"], ["--repeats", "0"]])
+def test_adherence_check_refuses_empty_runs(flag, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        adherence.main(flag)
+    assert stopped.value.code == 2 and "at least 1" in capsys.readouterr().err
