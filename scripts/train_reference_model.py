@@ -334,7 +334,7 @@ class PhaseTimer:
         self.enabled, self.device, self.skip = enabled, device, skip
         self.totals: dict[str, float] = {}
         self.steps = 0
-        self._last = None
+        self._last, self._counting = None, False
 
     def _now(self) -> float:
         if self.device.type == "cuda":
