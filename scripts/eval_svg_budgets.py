@@ -19,6 +19,7 @@ from pathlib import Path
 from vdit_sparse.embedded import REFERENCE_MODEL_ID, call_args_for, load_pipeline
 from vdit_sparse.evaluate import DEFAULT_PROMPTS, evaluate_profiles, write_report
 
+
 def budget_profile(density: float, head_kind: str) -> dict:
     label = "svg" if head_kind == "auto" else "spatial-only"
     return {

@@ -38,6 +38,7 @@ sys.path.insert(0, str(REPO / "scripts"))
 from check_prompt_adherence import CHROMATIC, SINGLE_SHAPE  # noqa: E402
 from train_reference_model import COLOURS, DIRECTIONS, SHAPES, ShapeVideos  # noqa: E402
 
+from vdit_sparse.metrics import relative_l2  # noqa: E402
 from vdit_sparse.reference_model import DEFAULT_WEIGHTS_PATH, REFERENCE_CALL_ARGS, build_reference_pipeline  # noqa: E402
 
 WORDS = ("colour", "shape", "direction")
@@ -86,9 +87,9 @@ def render_latents(pipe, data: ShapeVideos, scenes, seed: int) -> torch.Tensor:
     return latents.permute(0, 2, 1, 3, 4) * pipe.vae.config.scaling_factor
 
 
-def relative_l2(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Per-sample ||a - b|| / ||a||."""
-    return (a - b).flatten(1).norm(dim=1) / a.flatten(1).norm(dim=1).clamp(min=1e-12)
+def mean_relative_l2(changed: torch.Tensor, reference: torch.Tensor) -> float:
+    """:func:`vdit_sparse.metrics.relative_l2` of each sample against its reference, averaged."""
+    return round(sum(relative_l2(a, b) for a, b in zip(changed, reference)) / len(reference), 4)
 
 
 def predict_x0(pipe, noisy: torch.Tensor, prompts: list[str], timestep: int, rotary) -> torch.Tensor:
@@ -113,7 +114,7 @@ def measure(pipe, scenes_count: int, timesteps: list[int], seed: int) -> dict:
     variants = {word: [swapped(scene, word) for scene in scenes] for word in WORDS}
     result = {
         "data": {
-            word: round(float(relative_l2(clean, render_latents(pipe, data, variants[word], seed)).mean()), 4)
+            word: mean_relative_l2(render_latents(pipe, data, variants[word], seed), clean)
             for word in WORDS
         }
     }
@@ -126,7 +127,7 @@ def measure(pipe, scenes_count: int, timesteps: list[int], seed: int) -> dict:
         base = predict_x0(pipe, noisy, own, timestep, rotary)
         row = {word: predict_x0(pipe, noisy, [v[2] for v in variants[word]], timestep, rotary) for word in WORDS}
         row["empty prompt"] = predict_x0(pipe, noisy, [""] * len(scenes), timestep, rotary)
-        result[f"t={timestep}"] = {name: round(float(relative_l2(base, x0).mean()), 4) for name, x0 in row.items()}
+        result[f"t={timestep}"] = {name: mean_relative_l2(x0, base) for name, x0 in row.items()}
         print(f"t={timestep}: {result[f't={timestep}']}", flush=True)
     result["example"] = {"prompt": own[0], **{word: variants[word][0][2] for word in WORDS}}
     return result
