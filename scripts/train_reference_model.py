@@ -214,12 +214,13 @@ class ShapeVideos:
             total += amplitude * F.interpolate(coarse, size=(self.canvas, self.canvas), mode="bicubic", align_corners=False)
         return total / total.flatten(1).std(dim=1).view(batch, 1, 1, 1)
 
-    def _background(self, pans: torch.Tensor) -> torch.Tensor:
-        """Muted noise canvases seen through a window panning at ``pans`` (B, 2) px a frame: (B, T, 3, H, W)."""
-        batch, frames, size, device = pans.shape[0], self.frames, self.size, self.device
+    def _background(self, pans: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Muted noise canvases seen through a window panning at ``pans`` (B, 2) px a frame,
+        at the frame indices ``t`` (T,): (B, T, 3, H, W)."""
+        batch, frames, size, device = pans.shape[0], len(t), self.size, self.device
         grey = 0.3 + 0.4 * torch.rand(batch, 1, 1, 1, device=device, generator=self.generator)
         canvas = grey + 0.18 * self._smooth_noise(batch, 1) + 0.05 * self._smooth_noise(batch, 3)
-        t = torch.arange(frames, device=device, dtype=torch.float32) - (frames - 1) / 2
+        t = t - (self.frames - 1) / 2
         origin = self.margin + pans[:, None, :] * t[None, :, None]  # (B, T, 2) window corner, canvas px
         pixel = torch.arange(size, device=device, dtype=torch.float32)
         x = pixel.view(1, 1, 1, size) + origin[..., 0, None, None]
@@ -233,16 +234,21 @@ class ShapeVideos:
         window = F.grid_sample(frames_of, grid.view(batch * frames, size, size, 2), mode="bilinear", align_corners=False)
         return window.view(batch, frames, 3, size, size)
 
-    def sample(self, batch: int, with_coverage: bool = False, scenes: list | None = None):
+    def sample(self, batch: int, with_coverage: bool = False, scenes: list | None = None, frames: int | None = None):
         """``batch`` videos and their prompts; with ``with_coverage`` also the shapes' coverage
         ``(B, T, H, W)`` in [0, 1] (how much of each pixel the shapes cover).
 
         ``scenes`` renders the given ``(shapes, pan, prompt)`` triples (as ``_scene`` draws
         them) instead of drawing ``batch`` new ones; the backgrounds are still drawn.
+        ``frames`` renders only the first ``frames`` frames of each video (1: a still of
+        its first frame, which the causal VAE encodes as it encodes a video's first frame).
         """
         scenes = [self._scene() for _ in range(batch)] if scenes is None else list(scenes)
         batch = len(scenes)
-        device, frames, size, slots = self.device, self.frames, self.size, self.MAX_SHAPES
+        frames = self.frames if frames is None else frames
+        if not 1 <= frames <= self.frames:
+            raise ValueError(f"frames must be in 1..{self.frames}, got {frames}")
+        device, size, slots = self.device, self.size, self.MAX_SHAPES
         fields = ("kind", "texture", "x0", "y0", "vx", "vy", "angle0", "spin", "size0", "growth")
         table = torch.zeros(len(fields), batch, slots)
         colours = torch.zeros(batch, slots, 3)
@@ -258,9 +264,9 @@ class ShapeVideos:
         size0 = torch.where(present > 0, size0, 1.0)  # empty slots: alpha is zeroed below, but keep them finite
         pans = torch.tensor([pan for _, pan, _ in scenes], device=device, dtype=torch.float32)
 
-        video = self._background(pans)  # (B, T, 3, H, W)
         t = torch.arange(frames, device=device, dtype=torch.float32)
-        t_mid = t - (frames - 1) / 2
+        video = self._background(pans, t)  # (B, T, 3, H, W)
+        t_mid = t - (self.frames - 1) / 2
         # per shape and frame: (B, K, T, 1, 1)
         expand = lambda v: v[:, :, None, None, None]  # noqa: E731
         tt = t.view(1, 1, frames, 1, 1)
@@ -327,24 +333,33 @@ class PhaseTimer:
     asynchronously, so each mark first waits for the device (which slows training
     a little: the option is for measuring, not for the shipped runs). Disabled, a
     mark does nothing. Steps before ``skip`` (cuDNN autotuning, allocator growth)
-    are not counted.
+    are not counted. Steps of another kind than ``"video"`` (``start_step(step,
+    "still")``) charge phases named ``"still/<name>"``, averaged over their own steps.
     """
 
     def __init__(self, enabled: bool, device: torch.device, skip: int = 20):
         self.enabled, self.device, self.skip = enabled, device, skip
         self.totals: dict[str, float] = {}
-        self.steps = 0
-        self._last, self._counting = None, False
+        self.steps_of: dict[str, int] = {}
+        self._last, self._counting, self._kind = None, False, "video"
+
+    @property
+    def steps(self) -> int:
+        return sum(self.steps_of.values())
 
     def _now(self) -> float:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return time.perf_counter()
 
-    def start_step(self, step: int) -> None:
+    def _key(self, name: str) -> str:
+        return name if self._kind == "video" else f"{self._kind}/{name}"
+
+    def start_step(self, step: int, kind: str = "video") -> None:
         if self.enabled:
-            self._counting = step >= self.skip
-            self.steps += self._counting
+            self._kind, self._counting = kind, step >= self.skip
+            if self._counting:
+                self.steps_of[kind] = self.steps_of.get(kind, 0) + 1
             self._last = self._now()
 
     def mark(self, name: str) -> None:
@@ -352,19 +367,26 @@ class PhaseTimer:
             return
         now = self._now()
         if self._counting:
-            self.totals[name] = self.totals.get(name, 0.0) + now - self._last
+            key = self._key(name)
+            self.totals[key] = self.totals.get(key, 0.0) + now - self._last
         self._last = now
 
     def report(self) -> dict | None:
-        """Mean milliseconds per step for each phase, and their share of the step."""
+        """Mean milliseconds per step of its kind for each phase, and each phase's share of all the time."""
         if not self.enabled or self.steps == 0:
             return None
         total = sum(self.totals.values())
-        return {
+        kind_of = lambda name: name.split("/")[0] if "/" in name else "video"  # noqa: E731
+        report = {
             "steps_measured": self.steps,
-            "ms_per_step": {name: round(1e3 * seconds / self.steps, 2) for name, seconds in self.totals.items()},
+            "ms_per_step": {
+                name: round(1e3 * seconds / self.steps_of[kind_of(name)], 2) for name, seconds in self.totals.items()
+            },
             "share": {name: round(seconds / total, 3) for name, seconds in self.totals.items()},
         }
+        if set(self.steps_of) != {"video"}:
+            report["steps_measured_by_kind"] = dict(self.steps_of)
+        return report
 
 
 def train_vae(vae, data: ShapeVideos, args, deadline: float, log: dict) -> None:
@@ -468,8 +490,10 @@ def latent_coverage(coverage: torch.Tensor, latent_shape: torch.Size) -> torch.T
     """
     batch, frames, _, height, width = latent_shape
     first, rest = coverage[:, :1], coverage[:, 1:]
-    pairs = rest.reshape(batch, frames - 1, -1, *rest.shape[-2:]).amax(dim=2)
-    timed = torch.cat([first, pairs], dim=1)  # (B, F, H, W)
+    timed = first
+    if frames > 1:
+        pairs = rest.reshape(batch, frames - 1, -1, *rest.shape[-2:]).amax(dim=2)
+        timed = torch.cat([first, pairs], dim=1)  # (B, F, H, W)
     return F.adaptive_avg_pool2d(timed, (height, width))[:, :, None]
 
 
@@ -487,9 +511,12 @@ def train_transformer(pipe, data: ShapeVideos, args, deadline: float, log: dict)
     if prediction not in ("v_prediction", "epsilon"):
         raise ValueError(f"scheduler prediction_type {prediction!r} is not one this script trains for")
     frames = (REFERENCE_CALL_ARGS["num_frames"] - 1) // pipe.vae_scale_factor_temporal + 1
-    rotary = pipe._prepare_rotary_positional_embeddings(
-        REFERENCE_CALL_ARGS["height"], REFERENCE_CALL_ARGS["width"], frames, device
-    )
+    height, width = REFERENCE_CALL_ARGS["height"], REFERENCE_CALL_ARGS["width"]
+    # what a step of each kind renders (video frames), how many, and its rotary embedding
+    kinds = {
+        "video": (data.frames, args.batch_size, pipe._prepare_rotary_positional_embeddings(height, width, frames, device)),
+        "still": (1, args.still_batch_size, pipe._prepare_rotary_positional_embeddings(height, width, 1, device)),
+    }
     similarity_before = prompt_similarity(pipe, device)
     transformer.train().requires_grad_(True)
     # the T5 stays in eval mode (no dropout) but learns
@@ -501,19 +528,29 @@ def train_transformer(pipe, data: ShapeVideos, args, deadline: float, log: dict)
         betas=(0.9, 0.99),
         weight_decay=0.01,
     )
-    start, losses, step, steady_from = time.perf_counter(), [], 0, None
+    start, step, steady_from = time.perf_counter(), 0, None
+    samples = {kind: 0 for kind in kinds}
+    losses_of = {kind: [] for kind in kinds}
+    losses = losses_of["video"]  # the curve and final loss the logs have always reported
+    still_credit = 0.0
     budget = max(1e-6, deadline - start)
     text_len = REFERENCE_CALL_ARGS["max_sequence_length"]
     timer = PhaseTimer(args.time_phases, device)
     while step < args.steps and time.perf_counter() < deadline:
-        timer.start_step(step)
+        # --still-share of the steps, spread evenly, train on stills (first frames alone), the rest on videos
+        still_credit += args.still_share
+        kind = "still" if still_credit >= 1 else "video"
+        still_credit -= kind == "still"
+        render_frames, batch_size, rotary = kinds[kind]
+        timer.start_step(step, kind)
         progress = max(step / args.steps, (time.perf_counter() - start) / budget)
         for group in optimizer.param_groups:
             group["lr"] = group["base_lr"] * _lr_factor(progress)
         if args.foreground_weight > 0:
-            video, prompts, coverage = data.sample(args.batch_size, with_coverage=True)
+            video, prompts, coverage = data.sample(batch_size, with_coverage=True, frames=render_frames)
         else:
-            video, prompts = data.sample(args.batch_size)
+            video, prompts = data.sample(batch_size, frames=render_frames)
+        samples[kind] += batch_size
         # classifier-free guidance: the pipeline's unconditional branch encodes the empty prompt
         prompts = ["" if data.rng.random() < args.cfg_dropout else prompt for prompt in prompts]
         timer.mark("render")
@@ -564,13 +601,15 @@ def train_transformer(pipe, data: ShapeVideos, args, deadline: float, log: dict)
             for average, live in averages:  # one fused update per module, not one per tensor
                 torch._foreach_lerp_(list(average.parameters()), list(live.parameters()), 1 - decay)
         timer.mark("ema")
-        losses.append(loss.item())
+        losses_of[kind].append(loss.item())
         timer.mark("loss_readback")
         if step == 20:
             steady_from = time.perf_counter()  # past cuDNN's autotuning and the allocator's growth
         if step % 200 == 0 or step == 1:
-            recent = sum(losses[-200:]) / len(losses[-200:])
-            print(f"step {step:5d}  loss {recent:.4f}  lr {optimizer.param_groups[0]['lr']:.2e}  {time.perf_counter() - start:6.1f}s", flush=True)
+            recent = " ".join(
+                f"{name} loss {sum(values[-100:]) / len(values[-100:]):.4f}" for name, values in losses_of.items() if values
+            )
+            print(f"step {step:5d}  {recent}  lr {optimizer.param_groups[0]['lr']:.2e}  {time.perf_counter() - start:6.1f}s", flush=True)
     seconds = time.perf_counter() - start
     for average, live in averages:
         live.load_state_dict(average.state_dict())
@@ -580,16 +619,21 @@ def train_transformer(pipe, data: ShapeVideos, args, deadline: float, log: dict)
         "steps": step,
         "seconds": round(seconds, 1),
         "batch_size": args.batch_size,
-        "samples_per_second": round(step * args.batch_size / max(seconds, 1e-6), 1),
+        "videos": samples["video"],
+        "still_share": args.still_share,
+        "still_batch_size": args.still_batch_size,
+        "stills": samples["still"],
+        "still_final_loss": sum(losses_of["still"][-100:]) / len(losses_of["still"][-100:]) if losses_of["still"] else None,
+        "samples_per_second": round(samples["video"] / max(seconds, 1e-6), 1),
         "steady_samples_per_second": (
             round((step - 20) * args.batch_size / max(start + seconds - steady_from, 1e-6), 1)
-            if steady_from is not None and step > 20
+            if steady_from is not None and step > 20 and args.still_share == 0
             else None
         ),
         "prediction_type": prediction,
         "final_loss": sum(losses[-100:]) / max(1, len(losses[-100:])),
         "first_loss": losses[0] if losses else None,
-        "loss_curve": _curve(losses),
+        "loss_curve": _curve(losses),  # over the video steps alone
         "lr": args.lr,
         "text_encoder_lr": args.text_lr,
         "ema_decay": args.ema_decay,
@@ -626,6 +670,14 @@ def main(argv=None) -> int:
         "--high-noise-share", type=float, default=0.0, help="share of samples drawn from the noisier half of the timesteps"
     )
     parser.add_argument(
+        "--still-share",
+        type=float,
+        default=0.0,
+        help="share of the transformer steps that train on stills (each video's first frame alone, one latent "
+        "frame, as image-video joint training does) instead of videos",
+    )
+    parser.add_argument("--still-batch-size", type=int, default=192, help="stills in a still step")
+    parser.add_argument(
         "--foreground-weight",
         type=float,
         default=0.0,
@@ -645,6 +697,8 @@ def main(argv=None) -> int:
         help="continue from weights this script wrote: the VAE is kept as is, only the transformer and text encoder train",
     )
     args = parser.parse_args(argv)
+    if not 0 <= args.still_share < 1:
+        parser.error(f"--still-share must be in [0, 1), got {args.still_share}")
 
     started = time.perf_counter()
     reserve = 15.0  # for measuring the latent scale and saving

@@ -59,13 +59,13 @@ def test_missing_and_mismatched_weights_are_refused(tmp_path):
 
 def test_training_script_runs_and_resumes_on_cpu(tmp_path):
     """Two CPU steps of each phase, then two resumed steps (the first at the warm-up's zero learning
-    rate): the summary chains, the weights load, and the text encoder learned."""
+    rate; the second on stills): the summary chains, the weights load, and the text encoder learned."""
     first, second = tmp_path / "first.safetensors", tmp_path / "second.safetensors"
     small = ["--device", "cpu", "--batch-size", "1", "--vae-batch-size", "1"]
     assert training.main([*small, "--steps", "2", "--vae-steps", "2", "--out", str(first), "--log", str(tmp_path / "a.json")]) == 0
     assert training.main(
         [*small, "--steps", "2", "--resume", str(first), "--seed", "1", "--high-noise-share", "0.5",
-         "--out", str(second), "--log", str(tmp_path / "b.json")]
+         "--still-share", "0.5", "--still-batch-size", "3", "--out", str(second), "--log", str(tmp_path / "b.json")]
     ) == 0
     summary = read_training_summary(second)
     assert summary["transformer_steps"] == 2 and summary["resumed_from"]["transformer_steps"] == 2
@@ -73,9 +73,37 @@ def test_training_script_runs_and_resumes_on_cpu(tmp_path):
     assert summary["vae_steps"] == summary["resumed_from"]["vae_steps"] == 2
     log = json.loads((tmp_path / "b.json").read_text())
     assert "vae" not in log and log["transformer"]["text_encoder_lr"] > 0
+    assert (log["transformer"]["videos"], log["transformer"]["stills"]) == (1, 3)
+    assert log["transformer"]["still_final_loss"] > 0
     # the text encoder trained: its weights moved from the first file's
     before, after = build_reference_pipeline(first).text_encoder, build_reference_pipeline(second).text_encoder
     assert any(not torch.equal(a, b) for a, b in zip(before.parameters(), after.parameters()))
+
+
+def test_stills_are_the_first_frames_of_the_videos_the_same_seed_draws():
+    video, prompts, coverage = training.ShapeVideos(17, 64, "cpu", seed=4).sample(3, with_coverage=True)
+    still, still_prompts, still_coverage = training.ShapeVideos(17, 64, "cpu", seed=4).sample(3, with_coverage=True, frames=1)
+    assert still.shape == (3, 3, 1, 64, 64) and still_prompts == prompts
+    assert torch.equal(still[:, :, 0], video[:, :, 0]) and torch.equal(still_coverage[:, 0], coverage[:, 0])
+    assert training.latent_coverage(still_coverage, torch.Size((3, 1, 4, 32, 32))).shape == (3, 1, 1, 32, 32)
+    with pytest.raises(ValueError, match="frames must be in 1..17"):
+        training.ShapeVideos(17, 64, "cpu", seed=4).sample(1, frames=18)
+
+
+def test_training_script_refuses_a_still_share_of_one():
+    with pytest.raises(SystemExit):
+        training.main(["--device", "cpu", "--still-share", "1"])
+
+
+def test_phase_timer_averages_each_kind_of_step_over_its_own_steps():
+    timer = training.PhaseTimer(True, torch.device("cpu"), skip=0)
+    for step, (kind, pause) in enumerate([("video", 0.02), ("still", 0.002), ("video", 0.02)]):
+        timer.start_step(step, kind)
+        time.sleep(pause)
+        timer.mark("forward")
+    report = timer.report()
+    assert report["steps_measured"] == 3 and report["steps_measured_by_kind"] == {"video": 2, "still": 1}
+    assert report["ms_per_step"]["forward"] >= 20 > report["ms_per_step"]["still/forward"] >= 2
 
 
 def test_phase_timer_charges_each_phase_after_the_warm_up():
