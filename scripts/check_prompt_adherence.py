@@ -32,6 +32,10 @@ Writes a JSON report and a PNG grid of the first repeat (rows: colours,
 columns: directions; in each cell frames 0, 8 and 16)::
 
     python scripts/check_prompt_adherence.py --device cuda     # docs/reference-adherence.{json,png}
+
+``--frames 1`` samples stills instead (the first frame alone, as the training
+script's ``--still-share`` steps see it): colour and shape are judged, direction
+is not.
 """
 
 from __future__ import annotations
@@ -160,13 +164,20 @@ def judge(video: np.ndarray, colour: str, direction: str, shape: str | None = No
     return verdict
 
 
-def accuracy(verdicts: list[dict]) -> dict:
+def accuracy(verdicts: list[dict], motion: bool = True) -> dict:
+    """Share of the verdicts right on each count; without ``motion`` (stills) no direction."""
     count = max(1, len(verdicts))
     return {
         "videos": len(verdicts),
         "colour": round(sum(v["colour_ok"] for v in verdicts) / count, 4),
-        "direction": round(sum(v["direction_ok"] for v in verdicts) / count, 4),
-        "both": round(sum(v["colour_ok"] and v["direction_ok"] for v in verdicts) / count, 4),
+        **(
+            {
+                "direction": round(sum(v["direction_ok"] for v in verdicts) / count, 4),
+                "both": round(sum(v["colour_ok"] and v["direction_ok"] for v in verdicts) / count, 4),
+            }
+            if motion
+            else {}
+        ),
         **({"shape": round(sum(v["shape_ok"] for v in verdicts) / count, 4)} if all("shape_ok" in v for v in verdicts) else {}),
     }
 
@@ -213,20 +224,25 @@ def generate(pipe, prompts: list[str], seeds: list[int], call_args: dict, batch:
     return videos
 
 
-def write_grid(videos: list[np.ndarray], prompts: list[str], verdicts: list[dict], path: Path, scale: int = 2) -> None:
-    frames_shown = (0, 8, 16)
+def write_grid(
+    videos: list[np.ndarray], prompts: list[str], verdicts: list[dict], path: Path, motion: bool = True, scale: int = 2
+) -> None:
     frames, height, width, _ = videos[0].shape
+    frames_shown = (0, 8, 16) if motion else (0,)
     cell_w, cell_h, label, gap = len(frames_shown) * width * scale + 4, height * scale, 13, 6
     columns = len(DIRECTIONS)
     rows = (len(videos) + columns - 1) // columns
     canvas = Image.new("RGB", (columns * (cell_w + gap) + gap, rows * (cell_h + label + gap) + gap + 14), "white")
     draw = ImageDraw.Draw(canvas)
     font = ImageFont.load_default()
-    draw.text((gap, 2), "frames 0, 8, 16 of each prompt; [c] colour and [d] direction as the detector saw them", fill="black", font=font)
+    title = "frames 0, 8, 16 of each prompt; [c] colour and [d] direction" if motion else "stills; [c] colour and [s] shape"
+    draw.text((gap, 2), f"{title} as the detector saw them", fill="black", font=font)
     for index, (video, prompt, verdict) in enumerate(zip(videos, prompts, verdicts)):
         row, column = divmod(index, columns)
         left, top = gap + column * (cell_w + gap), 16 + row * (cell_h + label + gap)
-        marks = ("c" if verdict["colour_ok"] else "-") + ("d" if verdict["direction_ok"] else "-")
+        marks = ("c" if verdict["colour_ok"] else "-") + (
+            ("d" if verdict["direction_ok"] else "-") if motion else ("s" if verdict["shape_ok"] else "-")
+        )
         draw.text((left, top), f"{prompt} [{marks}]", fill="black", font=font)
         for k, frame in enumerate(frames_shown):
             tile = Image.fromarray((video[min(frame, frames - 1)] * 255).round().astype(np.uint8))
@@ -244,6 +260,12 @@ def main(argv=None) -> int:
     parser.add_argument("--detector-videos", type=int, default=200)
     parser.add_argument("--steps", type=int, default=REFERENCE_CALL_ARGS["num_inference_steps"], help="denoising steps")
     parser.add_argument("--guidance-scale", type=float, default=REFERENCE_CALL_ARGS["guidance_scale"])
+    parser.add_argument(
+        "--frames",
+        type=int,
+        default=REFERENCE_CALL_ARGS["num_frames"],
+        help="video frames to sample; 1 samples stills (colour and shape judged, direction not)",
+    )
     parser.add_argument("--no-control", action="store_true", help="skip the empty-prompt control (halves the time)")
     parser.add_argument("--json", type=Path, default=REPO / "docs" / "reference-adherence.json")
     parser.add_argument("--png", type=Path, default=REPO / "docs" / "reference-adherence.png")
@@ -252,6 +274,9 @@ def main(argv=None) -> int:
         parser.error("--repeats must be at least 1")
     if args.steps < 1:
         parser.error("--steps must be at least 1")
+    if args.frames < 1 or (args.frames - 1) % 2:
+        parser.error("--frames must be 1 or odd (the VAE compresses time in pairs after the first frame)")
+    motion = args.frames > 1
     batch = args.batch or (28 if str(args.device).startswith("cuda") else 4)
 
     started = time.perf_counter()
@@ -264,7 +289,9 @@ def main(argv=None) -> int:
     shapes = [SHAPES[i % len(SHAPES)] for i in range(len(cases))]
     prompts = [f"{colour} {shape} moving {direction}" for (colour, direction), shape in zip(cases, shapes)]
     seeds = list(range(len(prompts)))
-    call_args = dict(REFERENCE_CALL_ARGS, num_inference_steps=args.steps, guidance_scale=args.guidance_scale)
+    call_args = dict(
+        REFERENCE_CALL_ARGS, num_inference_steps=args.steps, guidance_scale=args.guidance_scale, num_frames=args.frames
+    )
     print("prompted:", flush=True)
     prompted = generate(pipe, prompts, seeds, call_args, batch)
     verdicts = [judge(video, *case, shape) for video, case, shape in zip(prompted, cases, shapes)]
@@ -289,18 +316,18 @@ def main(argv=None) -> int:
         },
         "chance": {"colour": round(1 / len(CHROMATIC), 4), "direction": 0.25},
         "repeats": args.repeats,
-        "prompted": accuracy(verdicts),
+        "prompted": accuracy(verdicts, motion),
         "prompted_by_direction": {
-            direction: accuracy([v for v in verdicts if v["direction"] == direction]) for direction in DIRECTIONS
+            direction: accuracy([v for v in verdicts if v["direction"] == direction], motion) for direction in DIRECTIONS
         },
-        "empty_prompt_same_seeds": accuracy(controls) if controls is not None else "not run (--no-control)",
+        "empty_prompt_same_seeds": accuracy(controls, motion) if controls is not None else "not run (--no-control)",
         "videos": [dict(verdict, prompt=prompt, seed=seed) for verdict, prompt, seed in zip(verdicts, prompts, seeds)],
         "seconds": round(time.perf_counter() - started, 1),
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=1) + "\n")
     shown = len(CHROMATIC) * len(DIRECTIONS)
-    write_grid(prompted[:shown], prompts[:shown], verdicts[:shown], args.png)
+    write_grid(prompted[:shown], prompts[:shown], verdicts[:shown], args.png, motion)
     print(json.dumps({key: report[key] for key in ("prompted", "empty_prompt_same_seeds", "chance", "seconds")}), flush=True)
     return 0
 

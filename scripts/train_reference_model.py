@@ -536,6 +536,8 @@ def train_transformer(pipe, data: ShapeVideos, args, deadline: float, log: dict)
     budget = max(1e-6, deadline - start)
     text_len = REFERENCE_CALL_ARGS["max_sequence_length"]
     timer = PhaseTimer(args.time_phases, device)
+    # compiled for the training forward only: the EMA copies and the saved modules stay the plain ones
+    forward = torch.compile(transformer) if args.compile else transformer
     while step < args.steps and time.perf_counter() < deadline:
         # --still-share of the steps, spread evenly, train on stills (first frames alone), the rest on videos
         still_credit += args.still_share
@@ -574,7 +576,7 @@ def train_transformer(pipe, data: ShapeVideos, args, deadline: float, log: dict)
         noisy = scheduler.add_noise(latents, noise, timesteps)
         target = scheduler.get_velocity(latents, noise, timesteps) if prediction == "v_prediction" else noise
         with _autocast(device):
-            output = transformer(
+            output = forward(
                 hidden_states=noisy,
                 encoder_hidden_states=text.float(),
                 timestep=timesteps,
@@ -640,6 +642,7 @@ def train_transformer(pipe, data: ShapeVideos, args, deadline: float, log: dict)
         "cfg_dropout": args.cfg_dropout,
         "high_noise_share": args.high_noise_share,
         "foreground_weight": args.foreground_weight,
+        "compiled": args.compile,
         "saved": "EMA weights" + (" (transformer and text encoder)" if args.text_lr > 0 else ""),
         "prompt_similarity_before": similarity_before,
         "prompt_similarity_after": prompt_similarity(pipe, device),
@@ -683,6 +686,9 @@ def main(argv=None) -> int:
         default=0.0,
         help="extra loss weight on latents the shapes cover (0: plain MSE; 5 for 285 s gave oversized blobs, "
         "benchmarks/results/reference-experiments/)",
+    )
+    parser.add_argument(
+        "--compile", action="store_true", help="torch.compile the transformer for training (each step kind compiles once)"
     )
     parser.add_argument(
         "--time-phases",

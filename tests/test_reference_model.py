@@ -171,3 +171,22 @@ def test_adherence_check_refuses_empty_runs(flag, capsys):
     with pytest.raises(SystemExit) as stopped:
         adherence.main(flag)
     assert stopped.value.code == 2 and "at least 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("frames", ["0", "2"])
+def test_adherence_check_refuses_frame_counts_the_vae_cannot_take(frames, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        adherence.main(["--frames", frames])
+    assert stopped.value.code == 2 and "--frames must be 1 or odd" in capsys.readouterr().err
+
+
+def test_adherence_check_on_stills_judges_colour_and_shape_only(tmp_path):
+    report_path = tmp_path / "stills.json"
+    assert adherence.main(
+        ["--device", "cpu", "--frames", "1", "--steps", "2", "--repeats", "1", "--no-control", "--detector-videos", "2",
+         "--json", str(report_path), "--png", str(tmp_path / "stills.png")]
+    ) == 0
+    report = json.loads(report_path.read_text())
+    assert report["call_args"]["num_frames"] == 1
+    assert set(report["prompted"]) == {"videos", "colour", "shape"} and report["prompted"]["videos"] == 28
+    assert (tmp_path / "stills.png").stat().st_size > 0
