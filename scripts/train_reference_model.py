@@ -15,6 +15,10 @@ Two phases under one wall-clock cap (default 560 s on one H200):
    videos, with the pipeline's own CogVideoXDDIMScheduler and its prediction
    objective (v-prediction, read from the scheduler config), 10% text dropout
    for classifier-free guidance, bf16 autocast, AdamW and an EMA of the weights.
+   With ``--still-share`` a share of the steps trains on stills instead: each
+   video's first frame rendered alone and encoded as a one-frame video (one
+   latent frame), as image-video joint training does; a still step holds
+   ``--still-batch-size`` of them.
 
 Data (DESIGN.md section 6: attention only becomes spatial or temporal when the
 data has local spatial correlation and motion everywhere): each video is a
@@ -35,9 +39,10 @@ The shipped weights (assets/reference-cogvideox.safetensors) came from two
 runs on one H200, 880 s in all (the cap is 15 minutes; one device command may
 run 10)::
 
-    python scripts/train_reference_model.py --max-seconds 510 --high-noise-share 0.3 --out stage1.safetensors
+    python scripts/train_reference_model.py --max-seconds 510 --high-noise-share 0.3 --still-share 0.35 \
+        --out stage1.safetensors
     python scripts/train_reference_model.py --resume stage1.safetensors --seed 1 --max-seconds 400 \
-        --lr 3e-4 --text-lr 6e-4 --high-noise-share 0.3
+        --lr 3e-4 --text-lr 6e-4 --high-noise-share 0.3 --still-share 0.35
 
 Their logs are benchmarks/results/reference-training.json and
 reference-training-stage2.json; both summaries are stored in the weights
