@@ -117,6 +117,10 @@ RADIUS_RANGE = (8.0, 12.0)  # pixels
 TEXTURE_WEIGHTS = (0.6, 0.2, 0.2)  # of TEXTURES, in scenes of one or two shapes
 CHANGE_WEIGHTS = (0.5, 0.2, 0.15, 0.15)  # of CHANGES, likewise
 PAN_PHRASE_SHARE = 0.5  # single-shape prompts that also name the camera's pan
+# A shape turned at random averages, over its unknown turn, to a round blob; an
+# upright one (ShapeVideos' upright_share, --upright-share) starts at the turn
+# below: square and rectangle axis-aligned, the triangle's and the star's point up.
+UPRIGHT_ANGLE = {"triangle": math.pi, "star": -math.pi / 2}  # radians; other shapes 0
 
 
 def _direction_word(dx: float, dy: float) -> str:
@@ -161,8 +165,11 @@ class ShapeVideos:
 
     MAX_SHAPES = 3
 
-    def __init__(self, frames: int, size: int, device: torch.device, seed: int):
+    def __init__(self, frames: int, size: int, device: torch.device, seed: int, upright_share: float = 0.0):
+        if not 0 <= upright_share <= 1:
+            raise ValueError(f"upright_share must be in [0, 1], got {upright_share}")
         self.frames, self.size, self.device = frames, size, torch.device(device)
+        self.upright_share = upright_share
         self.rng = random.Random(seed)
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         # the window pans at most 1.5 px a frame, so the canvas needs that much margin each way
@@ -187,6 +194,9 @@ class ShapeVideos:
             mid_x, mid_y = (centre + rng.uniform(-MIDPOINT_JITTER, MIDPOINT_JITTER) for _ in range(2))
             half = (self.frames - 1) / 2  # the path is centred: the shape is at mid at the middle frame
             spin = rng.choice((-1, 1)) * rng.uniform(0.15, 0.3) if change == "spinning" else 0.0
+            angle0 = rng.uniform(0, 2 * math.pi)
+            if self.upright_share > 0 and rng.random() < self.upright_share:  # no draw at 0: same videos as before
+                angle0 = UPRIGHT_ANGLE.get(kind, 0.0)
             growth = {"growing": 1.0, "shrinking": -1.0}.get(change, 0.0) * math.log(2.0) / (self.frames - 1)
             shapes.append(
                 dict(
@@ -197,7 +207,7 @@ class ShapeVideos:
                     y0=mid_y - vy * half,
                     vx=vx,
                     vy=vy,
-                    angle0=rng.uniform(0, 2 * math.pi),
+                    angle0=angle0,
                     spin=spin,
                     size0=rng.uniform(*RADIUS_RANGE),
                     growth=growth,
@@ -686,6 +696,13 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--still-batch-size", type=int, default=192, help="stills in a still step")
     parser.add_argument(
+        "--upright-share",
+        type=float,
+        default=0.0,
+        help="share of shapes that start upright (UPRIGHT_ANGLE) rather than turned at random; 0 draws the "
+        "shipped model's videos",
+    )
+    parser.add_argument(
         "--foreground-weight",
         type=float,
         default=0.0,
@@ -710,6 +727,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if not 0 <= args.still_share < 1:
         parser.error(f"--still-share must be in [0, 1), got {args.still_share}")
+    if not 0 <= args.upright_share <= 1:
+        parser.error(f"--upright-share must be in [0, 1], got {args.upright_share}")
 
     started = time.perf_counter()
     reserve = 15.0  # for measuring the latent scale and saving
@@ -732,7 +751,9 @@ def main(argv=None) -> int:
     for component in pipe.components.values():
         if isinstance(component, torch.nn.Module):
             torch.nn.Module.to(component, device=device)
-    data = ShapeVideos(REFERENCE_CALL_ARGS["num_frames"], REFERENCE_CALL_ARGS["height"], device, args.seed)
+    data = ShapeVideos(
+        REFERENCE_CALL_ARGS["num_frames"], REFERENCE_CALL_ARGS["height"], device, args.seed, upright_share=args.upright_share
+    )
 
     import diffusers
     import transformers
