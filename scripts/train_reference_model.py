@@ -170,6 +170,8 @@ class ShapeVideos:
             raise ValueError(f"upright_share must be in [0, 1], got {upright_share}")
         self.frames, self.size, self.device = frames, size, torch.device(device)
         self.upright_share = upright_share
+        # its own stream, so that the scenes (and prompts) of a seed do not depend on upright_share
+        self.upright_rng = random.Random(seed + 1_000_003)
         self.rng = random.Random(seed)
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         # the window pans at most 1.5 px a frame, so the canvas needs that much margin each way
@@ -195,7 +197,7 @@ class ShapeVideos:
             half = (self.frames - 1) / 2  # the path is centred: the shape is at mid at the middle frame
             spin = rng.choice((-1, 1)) * rng.uniform(0.15, 0.3) if change == "spinning" else 0.0
             angle0 = rng.uniform(0, 2 * math.pi)
-            if self.upright_share > 0 and rng.random() < self.upright_share:  # no draw at 0: same videos as before
+            if self.upright_rng.random() < self.upright_share:
                 angle0 = UPRIGHT_ANGLE.get(kind, 0.0)
             growth = {"growing": 1.0, "shrinking": -1.0}.get(change, 0.0) * math.log(2.0) / (self.frames - 1)
             shapes.append(
@@ -265,16 +267,16 @@ class ShapeVideos:
             raise ValueError(f"frames must be in 1..{self.frames}, got {frames}")
         device, size, slots = self.device, self.size, self.MAX_SHAPES
         fields = ("kind", "texture", "x0", "y0", "vx", "vy", "angle0", "spin", "size0", "growth")
-        table = torch.zeros(len(fields), batch, slots)
-        colours = torch.zeros(batch, slots, 3)
-        present = torch.zeros(batch, slots)
-        for b, (shapes, _, _) in enumerate(scenes):
-            for k, shape in enumerate(shapes):
-                for i, field in enumerate(fields):
-                    table[i, b, k] = shape[field]
-                colours[b, k] = torch.tensor(shape["colour"])
-                present[b, k] = 1.0
-        table, colours, present = table.to(device), colours.to(device), present.to(device)
+        # one row per slot: the fields, the colour, present; empty slots all zero. Built as
+        # Python lists and copied once (element-wise tensor writes cost 30 ms a still batch)
+        empty = [0.0] * (len(fields) + 4)
+        rows = [
+            [[float(shape[field]) for field in fields] + list(shape["colour"]) + [1.0] for shape in shapes]
+            + [empty] * (slots - len(shapes))
+            for shapes, _, _ in scenes
+        ]
+        packed = torch.tensor(rows, dtype=torch.float32).to(device)  # (B, slots, fields + 4)
+        table, colours, present = packed[..., : len(fields)].movedim(-1, 0), packed[..., -4:-1], packed[..., -1]
         kind, texture, x0, y0, vx, vy, angle0, spin, size0, growth = table
         size0 = torch.where(present > 0, size0, 1.0)  # empty slots: alpha is zeroed below, but keep them finite
         pans = torch.tensor([pan for _, pan, _ in scenes], device=device, dtype=torch.float32)

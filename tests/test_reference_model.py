@@ -90,6 +90,20 @@ def test_stills_are_the_first_frames_of_the_videos_the_same_seed_draws():
         training.ShapeVideos(17, 64, "cpu", seed=4).sample(1, frames=18)
 
 
+def test_upright_shapes_start_at_their_fixed_turn_and_leave_the_prompts_alone():
+    upright = training.ShapeVideos(17, 64, "cpu", seed=6, upright_share=1.0)
+    turned = training.ShapeVideos(17, 64, "cpu", seed=6)
+    for _ in range(20):
+        (shapes, _, prompt), (turned_shapes, _, turned_prompt) = upright._scene(), turned._scene()
+        assert prompt == turned_prompt
+        for shape, turned_shape in zip(shapes, turned_shapes):
+            kind = training.SHAPES[shape["kind"]]
+            assert shape["angle0"] == training.UPRIGHT_ANGLE.get(kind, 0.0)
+            assert turned_shape["angle0"] != shape["angle0"]
+    with pytest.raises(ValueError, match="upright_share"):
+        training.ShapeVideos(17, 64, "cpu", seed=6, upright_share=1.5)
+
+
 def test_training_script_refuses_a_still_share_of_one():
     with pytest.raises(SystemExit):
         training.main(["--device", "cpu", "--still-share", "1"])
