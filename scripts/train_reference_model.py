@@ -643,7 +643,8 @@ def train_transformer(pipe, data: ShapeVideos, args, deadline: float, log: dict)
         "still_batch_size": args.still_batch_size,
         "stills": samples["still"],
         "still_final_loss": sum(losses_of["still"][-100:]) / len(losses_of["still"][-100:]) if losses_of["still"] else None,
-        "samples_per_second": round(samples["video"] / max(seconds, 1e-6), 1),
+        "samples_per_second": round(samples["video"] / max(seconds, 1e-6), 1),  # videos, as before stills
+        "stills_per_second": round(samples["still"] / max(seconds, 1e-6), 1),
         "steady_samples_per_second": (
             round((step - 20) * args.batch_size / max(start + seconds - steady_from, 1e-6), 1)
             if steady_from is not None and step > 20 and args.still_share == 0
