@@ -357,6 +357,7 @@ class PhaseTimer:
     def __init__(self, enabled: bool, device: torch.device, skip: int = 20):
         self.enabled, self.device, self.skip = enabled, device, skip
         self.totals: dict[str, float] = {}
+        self.kind_of: dict[str, str] = {}  # phase name -> the kind of step it belongs to
         self.steps_of: dict[str, int] = {}
         self._last, self._counting, self._kind = None, False, "video"
 
@@ -368,9 +369,6 @@ class PhaseTimer:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return time.perf_counter()
-
-    def _key(self, name: str) -> str:
-        return name if self._kind == "video" else f"{self._kind}/{name}"
 
     def start_step(self, step: int, kind: str = "video") -> None:
         if self.enabled:
@@ -384,8 +382,9 @@ class PhaseTimer:
             return
         now = self._now()
         if self._counting:
-            key = self._key(name)
+            key = name if self._kind == "video" else f"{self._kind}/{name}"
             self.totals[key] = self.totals.get(key, 0.0) + now - self._last
+            self.kind_of[key] = self._kind
         self._last = now
 
     def report(self) -> dict | None:
@@ -393,11 +392,10 @@ class PhaseTimer:
         if not self.enabled or self.steps == 0:
             return None
         total = sum(self.totals.values())
-        kind_of = lambda name: name.split("/")[0] if "/" in name else "video"  # noqa: E731
         report = {
             "steps_measured": self.steps,
             "ms_per_step": {
-                name: round(1e3 * seconds / self.steps_of[kind_of(name)], 2) for name, seconds in self.totals.items()
+                name: round(1e3 * seconds / self.steps_of[self.kind_of[name]], 2) for name, seconds in self.totals.items()
             },
             "share": {name: round(seconds / total, 3) for name, seconds in self.totals.items()},
         }
