@@ -120,6 +120,8 @@ PAN_PHRASE_SHARE = 0.5  # single-shape prompts that also name the camera's pan
 # A shape turned at random averages, over its unknown turn, to a round blob; an
 # upright one (ShapeVideos' upright_share, --upright-share) starts at the turn
 # below: square and rectangle axis-aligned, the triangle's and the star's point up.
+# Trained with --upright-share 1, the model drew every shape as the same boxy blob
+# and the shape word stayed at chance (benchmarks/results/reference-experiments/).
 UPRIGHT_ANGLE = {"triangle": math.pi, "star": -math.pi / 2}  # radians; other shapes 0
 
 
