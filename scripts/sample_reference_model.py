@@ -62,6 +62,31 @@ MAP_FRAMES = 4  # relative frame offsets -4..4 drawn
 MAP_RADIUS = 7  # relative row/column offsets -7..7 drawn
 
 
+def joint_attention(attn, tokens: torch.Tensor, text_len: int, rotary) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention probabilities ``(B, H, S, S)`` and values ``(B, H, S, D)`` of a CogVideoX ``attn1``.
+
+    ``tokens`` are its text and video inputs joined, text first, ``(B, S, C)``; q and k
+    are recomputed as ``CogVideoXAttnProcessor2_0`` computes them (to_q/to_k/to_v,
+    per-head LayerNorm, RoPE ``rotary`` on the video part), in float32.
+    """
+    from diffusers.models.embeddings import apply_rotary_emb
+
+    heads = attn.heads
+    weights = [(m.weight.float(), None if m.bias is None else m.bias.float()) for m in (attn.to_q, attn.to_k, attn.to_v)]
+    q, k, v = (torch.nn.functional.linear(tokens.float(), w, b) for w, b in weights)
+    q, k, v = (x.view(x.shape[0], -1, heads, x.shape[-1] // heads).transpose(1, 2) for x in (q, k, v))
+    if attn.norm_q is not None:
+        q = torch.nn.functional.layer_norm(q, q.shape[-1:], attn.norm_q.weight.float(), attn.norm_q.bias.float(), attn.norm_q.eps)
+    if attn.norm_k is not None:
+        k = torch.nn.functional.layer_norm(k, k.shape[-1:], attn.norm_k.weight.float(), attn.norm_k.bias.float(), attn.norm_k.eps)
+    if rotary is not None:
+        rotary32 = tuple(r.float() for r in rotary)
+        q = torch.cat([q[:, :, :text_len], apply_rotary_emb(q[:, :, text_len:], rotary32)], dim=2)
+        k = torch.cat([k[:, :, :text_len], apply_rotary_emb(k[:, :, text_len:], rotary32)], dim=2)
+    # SDPA's default scale, as the processor uses
+    return torch.softmax(q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5, dim=-1), v
+
+
 class AttentionStructure:
     """Per-head attention statistics of the video queries at one denoising step.
 
@@ -127,8 +152,6 @@ class AttentionStructure:
         def hook(attn, args, kwargs):
             if not self.active:
                 return
-            from diffusers.models.embeddings import apply_rotary_emb
-
             hidden, text = kwargs["hidden_states"], kwargs["encoder_hidden_states"]
             rotary = kwargs.get("image_rotary_emb")
             # the conditional branch is the last batch element (CFG batches [uncond, cond])
@@ -140,23 +163,8 @@ class AttentionStructure:
                     f"the layout {self.layout}; call the pipeline at REFERENCE_CALL_ARGS sizes"
                 )
             with torch.no_grad():
-                weights = [(m.weight.float(), None if m.bias is None else m.bias.float()) for m in (attn.to_q, attn.to_k, attn.to_v)]
-                q, k, v = (torch.nn.functional.linear(tokens, w, b) for w, b in weights)
-                q, k, v = (x.view(1, -1, heads, x.shape[-1] // heads).transpose(1, 2) for x in (q, k, v))
-                if attn.norm_q is not None:
-                    q = torch.nn.functional.layer_norm(
-                        q, q.shape[-1:], attn.norm_q.weight.float(), attn.norm_q.bias.float(), attn.norm_q.eps
-                    )
-                if attn.norm_k is not None:
-                    k = torch.nn.functional.layer_norm(
-                        k, k.shape[-1:], attn.norm_k.weight.float(), attn.norm_k.bias.float(), attn.norm_k.eps
-                    )
-                if rotary is not None:
-                    rotary32 = tuple(r.float() for r in rotary)
-                    q = torch.cat([q[:, :, :text_len], apply_rotary_emb(q[:, :, text_len:], rotary32)], dim=2)
-                    k = torch.cat([k[:, :, :text_len], apply_rotary_emb(k[:, :, text_len:], rotary32)], dim=2)
-                # SDPA's default scale, as the processor uses
-                probs = torch.softmax(q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5, dim=-1)[0]  # (H, S, S)
+                probs, v = joint_attention(attn, tokens, text_len, rotary)
+                probs = probs[0]  # (H, S, S)
                 self._pending[layer] = (probs @ v[0]).transpose(0, 1).reshape(1, -1, heads * v.shape[-1])
                 video = probs[:, text_len:].cpu().double()  # video queries, all keys
                 self.mass["text"][layer] += video[:, :, :text_len].sum(-1).mean(-1)

@@ -76,6 +76,7 @@ sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
 from vdit_sparse.reference_model import (  # noqa: E402
     REFERENCE_CALL_ARGS,
+    REFERENCE_CONFIG,
     build_reference_pipeline,
     init_reference_pipeline,
     read_training_summary,
@@ -722,6 +723,13 @@ def main(argv=None) -> int:
         "recorded in the log under transformer.phases",
     )
     parser.add_argument(
+        "--num-layers",
+        type=int,
+        default=None,
+        help=f"transformer depth (default {REFERENCE_CONFIG['transformer']['num_layers']}, REFERENCE_CONFIG's; the "
+        "weights record it and build_reference_pipeline builds it). A resumed run keeps its file's depth",
+    )
+    parser.add_argument(
         "--resume",
         type=Path,
         default=None,
@@ -732,6 +740,8 @@ def main(argv=None) -> int:
         parser.error(f"--still-share must be in [0, 1), got {args.still_share}")
     if not 0 <= args.upright_share <= 1:
         parser.error(f"--upright-share must be in [0, 1], got {args.upright_share}")
+    if args.num_layers is not None and args.num_layers < 1:
+        parser.error(f"--num-layers must be at least 1, got {args.num_layers}")
 
     started = time.perf_counter()
     reserve = 15.0  # for measuring the latent scale and saving
@@ -749,8 +759,11 @@ def main(argv=None) -> int:
         if previous is None:
             raise SystemExit(f"--resume {args.resume}: the file holds no training summary; was it written by this script?")
         pipe = build_reference_pipeline(args.resume)
+        depth = pipe.transformer.config.num_layers
+        if args.num_layers is not None and args.num_layers != depth:
+            parser.error(f"--num-layers {args.num_layers}: --resume {args.resume} holds a {depth}-layer transformer")
     else:
-        pipe = init_reference_pipeline(seed=args.seed)
+        pipe = init_reference_pipeline(seed=args.seed, num_layers=args.num_layers)
     for component in pipe.components.values():
         if isinstance(component, torch.nn.Module):
             torch.nn.Module.to(component, device=device)

@@ -14,7 +14,14 @@ For scale, each scene is also rendered with the word's change made in pixels
 relative L2 distance between the two videos' latents is reported as
 ``data``: what the word changes in a clean video. A word the model ignores
 moves its prediction by ~0 at every timestep however much it changes the
-data. Runs on the CPU in about 5 minutes (2 cores)::
+data.
+
+Beside the predictions, the script reports where the transformer's attention
+reads the prompt: at each timestep and layer, the attention mass that video
+queries put on each word's token, averaged over the queries on the shape
+(tokens it covers at least half of) and over those off it, and the head that
+puts the most mass on each word. A word the model uses has a head that reads
+it from the shape's tokens. Runs on the CPU in about 6 minutes (2 cores)::
 
     python scripts/word_sensitivity.py     # docs/reference-word-sensitivity.json
 """
@@ -36,7 +43,8 @@ sys.path.insert(0, str(REPO))  # run from a checkout without installing
 sys.path.insert(0, str(REPO / "scripts"))
 
 from check_prompt_adherence import CHROMATIC, SINGLE_SHAPE  # noqa: E402
-from train_reference_model import COLOURS, DIRECTIONS, SHAPES, ShapeVideos  # noqa: E402
+from sample_reference_model import joint_attention  # noqa: E402
+from train_reference_model import COLOURS, DIRECTIONS, SHAPES, ShapeVideos, latent_coverage  # noqa: E402
 
 from vdit_sparse.metrics import relative_l2  # noqa: E402
 from vdit_sparse.reference_model import DEFAULT_WEIGHTS_PATH, REFERENCE_CALL_ARGS, build_reference_pipeline  # noqa: E402
@@ -107,6 +115,63 @@ def predict_x0(pipe, noisy: torch.Tensor, prompts: list[str], timestep: int, rot
     return (noisy - (1 - alpha_bar).sqrt() * output) / alpha_bar.sqrt()
 
 
+PROMPT_TOKENS = ("colour", "shape", "moving", "direction")  # the first four tokens of "<colour> <shape> moving <direction>"
+
+
+def on_shape_tokens(pipe, data: ShapeVideos, scenes, seed: int, latent_shape: torch.Size) -> torch.Tensor:
+    """``(B, video tokens)`` bool: the tokens whose patch the scene's shape covers at least half of."""
+    data.generator.manual_seed(seed)
+    _, _, coverage = data.sample(len(scenes), scenes=scenes, with_coverage=True)
+    pooled = latent_coverage(coverage, latent_shape)  # (B, F, 1, h, w)
+    batch, frames, _, height, width = pooled.shape
+    patch = pipe.transformer.config.patch_size
+    tokens = torch.nn.functional.avg_pool2d(pooled.reshape(batch * frames, 1, height, width), patch)
+    return tokens.reshape(batch, -1) >= 0.5
+
+
+def word_attention(pipe, noisy: torch.Tensor, prompts: list[str], timestep: int, rotary, on_shape: torch.Tensor) -> dict:
+    """Attention mass of the video queries on each of PROMPT_TOKENS (and on the other text tokens),
+    per layer, averaged over the queries on the shape and over those off it; and, per word, the
+    head that puts the most mass on it from the shape's queries."""
+    length = REFERENCE_CALL_ARGS["max_sequence_length"]
+    ids = pipe.tokenizer(prompts, padding="max_length", max_length=length, truncation=True).input_ids
+    for prompt, row in zip(prompts, ids):
+        words = pipe.tokenizer.convert_ids_to_tokens(row[: len(PROMPT_TOKENS)])
+        if words[2] != "moving" or f"{words[0]} {words[1]} moving {words[3]}" not in prompt:
+            raise ValueError(f"prompt {prompt!r} does not start '<colour> <shape> moving <direction>'")
+    per_layer = []  # (heads, words + 1) on and off the shape, per layer
+
+    def hook(attn, args, kwargs):
+        hidden, text = kwargs["hidden_states"], kwargs["encoder_hidden_states"]
+        probs, _ = joint_attention(attn, torch.cat([text, hidden], dim=1), text.shape[1], kwargs.get("image_rotary_emb"))
+        on_text = probs[:, :, text.shape[1] :, : text.shape[1]]  # (B, H, video queries, text keys)
+        words = torch.cat([on_text[..., : len(PROMPT_TOKENS)], on_text[..., len(PROMPT_TOKENS) :].sum(-1, keepdim=True)], -1)
+        masses = []
+        for where in (on_shape, ~on_shape):
+            weight = where.float()[:, None, :, None]
+            masses.append(((words * weight).sum(2) / weight.sum(2).clamp_min(1)).mean(0))  # (H, words + 1)
+        per_layer.append(masses)
+
+    handles = [block.attn1.register_forward_pre_hook(hook, with_kwargs=True) for block in pipe.transformer.transformer_blocks]
+    try:
+        predict_x0(pipe, noisy, prompts, timestep, rotary)
+    finally:
+        for handle in handles:
+            handle.remove()
+    names = [*PROMPT_TOKENS, "other text tokens"]
+    report = {}
+    for index, where in enumerate(("on_shape", "off_shape")):
+        report[where] = {
+            name: [round(masses[index][:, column].mean().item(), 4) for masses in per_layer] for column, name in enumerate(names)
+        }
+    report["top_head_on_shape"] = {}
+    for column, name in enumerate(PROMPT_TOKENS):
+        stacked = torch.stack([masses[0][:, column] for masses in per_layer])  # (layers, heads)
+        layer, head = divmod(int(stacked.argmax()), stacked.shape[1])
+        report["top_head_on_shape"][name] = {"layer": layer, "head": head, "mass": round(stacked.max().item(), 4)}
+    return report
+
+
 def measure(pipe, scenes_count: int, timesteps: list[int], seed: int) -> dict:
     data = ShapeVideos(REFERENCE_CALL_ARGS["num_frames"], REFERENCE_CALL_ARGS["height"], "cpu", seed)
     scenes = plain_scenes(data, scenes_count)
@@ -122,6 +187,12 @@ def measure(pipe, scenes_count: int, timesteps: list[int], seed: int) -> dict:
     rotary = pipe._prepare_rotary_positional_embeddings(REFERENCE_CALL_ARGS["height"], REFERENCE_CALL_ARGS["width"], frames, "cpu")
     noise = torch.randn(clean.shape, generator=torch.Generator().manual_seed(seed))
     own = [scene[2] for scene in scenes]
+    on_shape = on_shape_tokens(pipe, data, [scene[:3] for scene in scenes], seed, clean.shape)
+    result["attention"] = {
+        "what": "attention mass of video queries on each prompt token, per layer (mean over heads), on and off the shape",
+        "on_shape_token_share": round(on_shape.float().mean().item(), 4),
+        "uniform_per_token": round(1 / (REFERENCE_CALL_ARGS["max_sequence_length"] + on_shape.shape[1]), 5),
+    }
     for timestep in timesteps:
         noisy = pipe.scheduler.add_noise(clean, noise, torch.full((len(scenes),), timestep, dtype=torch.long))
         base = predict_x0(pipe, noisy, own, timestep, rotary)
@@ -129,6 +200,8 @@ def measure(pipe, scenes_count: int, timesteps: list[int], seed: int) -> dict:
         row["empty prompt"] = predict_x0(pipe, noisy, [""] * len(scenes), timestep, rotary)
         result[f"t={timestep}"] = {name: mean_relative_l2(x0, base) for name, x0 in row.items()}
         print(f"t={timestep}: {result[f't={timestep}']}", flush=True)
+        result["attention"][f"t={timestep}"] = word_attention(pipe, noisy, own, timestep, rotary, on_shape)
+        print(f"  top heads on the shape: {result['attention'][f't={timestep}']['top_head_on_shape']}", flush=True)
     result["example"] = {"prompt": own[0], **{word: variants[word][0][2] for word in WORDS}}
     return result
 

@@ -14,13 +14,16 @@ from vdit_sparse.reference_model import (
     DEFAULT_WEIGHTS_PATH,
     REFERENCE_CONFIG,
     build_reference_pipeline,
+    init_reference_pipeline,
     read_training_summary,
+    save_reference_weights,
 )
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 sys.path.insert(0, str(SCRIPTS))
 
 import check_prompt_adherence as adherence  # noqa: E402
+import sample_reference_model  # noqa: E402
 import train_reference_model as training  # noqa: E402
 import word_sensitivity  # noqa: E402
 
@@ -51,10 +54,28 @@ def test_missing_and_mismatched_weights_are_refused(tmp_path):
         metadata = dict(handle.metadata())
         state = {key: handle.get_tensor(key) for key in handle.keys()}
     config = json.loads(metadata["config"])
-    config["transformer"]["num_layers"] += 1
+    config["transformer"]["attention_head_dim"] *= 2
     save_file(state, str(tmp_path / "other.safetensors"), metadata=dict(metadata, config=json.dumps(config)))
-    with pytest.raises(ValueError, match=r"transformer\.num_layers"):
+    with pytest.raises(ValueError, match=r"transformer\.attention_head_dim"):
         build_reference_pipeline(tmp_path / "other.safetensors")
+    # the depth may differ (VARIABLE_KEYS), but then the tensors must be there for every layer
+    config = json.loads(metadata["config"])
+    config["transformer"]["num_layers"] += 1
+    save_file(state, str(tmp_path / "deeper.safetensors"), metadata=dict(metadata, config=json.dumps(config)))
+    with pytest.raises(ValueError, match="does not fit"):
+        build_reference_pipeline(tmp_path / "deeper.safetensors")
+
+
+def test_a_shallower_or_deeper_variant_saves_and_loads_as_its_file_says(tmp_path):
+    pipe = init_reference_pipeline(seed=4, num_layers=3)
+    assert len(pipe.transformer.transformer_blocks) == 3
+    path = save_reference_weights(pipe, tmp_path / "three.safetensors")
+    loaded = build_reference_pipeline(path)
+    assert loaded.transformer.config.num_layers == 3
+    for (name, stored), (_, original) in zip(loaded.transformer.state_dict().items(), pipe.transformer.state_dict().items()):
+        assert torch.equal(stored, original.half().float()), name  # stored in float16
+    with pytest.raises(ValueError, match="num_layers must be a positive integer"):
+        init_reference_pipeline(num_layers=0)
 
 
 def test_training_script_runs_and_resumes_on_cpu(tmp_path):
@@ -62,7 +83,9 @@ def test_training_script_runs_and_resumes_on_cpu(tmp_path):
     rate; the second on stills): the summary chains, the weights load, and the text encoder learned."""
     first, second = tmp_path / "first.safetensors", tmp_path / "second.safetensors"
     small = ["--device", "cpu", "--batch-size", "1", "--vae-batch-size", "1"]
-    assert training.main([*small, "--steps", "2", "--vae-steps", "2", "--out", str(first), "--log", str(tmp_path / "a.json")]) == 0
+    assert training.main(
+        [*small, "--steps", "2", "--vae-steps", "2", "--num-layers", "2", "--out", str(first), "--log", str(tmp_path / "a.json")]
+    ) == 0
     assert training.main(
         [*small, "--steps", "2", "--resume", str(first), "--seed", "1", "--high-noise-share", "0.5",
          "--still-share", "0.5", "--still-batch-size", "3", "--out", str(second), "--log", str(tmp_path / "b.json")]
@@ -78,6 +101,10 @@ def test_training_script_runs_and_resumes_on_cpu(tmp_path):
     # the text encoder trained: its weights moved from the first file's
     before, after = build_reference_pipeline(first).text_encoder, build_reference_pipeline(second).text_encoder
     assert any(not torch.equal(a, b) for a, b in zip(before.parameters(), after.parameters()))
+    # the resumed run kept the first run's depth, and refuses another
+    assert build_reference_pipeline(second).transformer.config.num_layers == 2
+    with pytest.raises(SystemExit):
+        training.main([*small, "--steps", "1", "--resume", str(first), "--num-layers", "6", "--out", str(tmp_path / "x.safetensors")])
 
 
 def test_stills_are_the_first_frames_of_the_videos_the_same_seed_draws():
@@ -178,6 +205,43 @@ def test_word_swaps_change_one_word_in_the_prompt_and_the_pixels():
     again = word_sensitivity.render_latents(pipe, data, [scene[:3]], seed=5)
     other = word_sensitivity.render_latents(pipe, data, [word_sensitivity.swapped(scene, "shape")], seed=5)
     assert torch.equal(first, again) and not torch.equal(first, other)
+
+
+def test_word_attention_recomputes_the_real_attention_and_reads_each_word():
+    pipe = build_reference_pipeline()
+    data = training.ShapeVideos(17, 64, "cpu", seed=3)
+    scenes = [scene[:3] for scene in word_sensitivity.plain_scenes(data, 2)]
+    clean = word_sensitivity.render_latents(pipe, data, scenes, seed=5)
+    noisy = pipe.scheduler.add_noise(clean, torch.randn_like(clean), torch.tensor([500, 500]))
+    rotary = pipe._prepare_rotary_positional_embeddings(64, 64, clean.shape[1], "cpu")
+    prompts = [prompt for _, _, prompt in scenes]
+
+    # joint_attention's probabilities reproduce what the real processor outputs
+    seen = {}
+    block = pipe.transformer.transformer_blocks[2].attn1
+    handles = [
+        block.register_forward_pre_hook(lambda m, a, kw: seen.update(inputs=kw), with_kwargs=True),
+        block.register_forward_hook(lambda m, a, kw, out: seen.update(output=out), with_kwargs=True),
+    ]
+    word_sensitivity.predict_x0(pipe, noisy, prompts, 500, rotary)
+    for handle in handles:
+        handle.remove()
+    text, hidden = seen["inputs"]["encoder_hidden_states"], seen["inputs"]["hidden_states"]
+    probs, v = sample_reference_model.joint_attention(block, torch.cat([text, hidden], 1), text.shape[1], rotary)
+    ours = block.to_out[0]((probs @ v).transpose(1, 2).flatten(2))
+    real = torch.cat([seen["output"][1], seen["output"][0]], 1)
+    assert ((ours - real).norm() / real.norm()).item() < 1e-4
+
+    on_shape = word_sensitivity.on_shape_tokens(pipe, data, scenes, 5, clean.shape)
+    assert 0 < on_shape.float().mean() < 0.5  # a shape covers some tokens, not most
+    report = word_sensitivity.word_attention(pipe, noisy, prompts, 500, rotary, on_shape)
+    layers = len(pipe.transformer.transformer_blocks)
+    for where in ("on_shape", "off_shape"):
+        per_layer = [sum(report[where][name][layer] for name in report[where]) for layer in range(layers)]
+        assert all(0 < total <= 1 for total in per_layer)  # the text's share of each query's attention
+    assert set(report["top_head_on_shape"]) == set(word_sensitivity.PROMPT_TOKENS)
+    with pytest.raises(ValueError, match="does not start"):
+        word_sensitivity.word_attention(pipe, noisy, ["a red circle", "blue ring moving up"], 500, rotary, on_shape)
 
 
 @pytest.mark.parametrize("flag", [["--steps", "0"], ["--repeats", "0"]])

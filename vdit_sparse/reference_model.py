@@ -40,6 +40,7 @@ __all__ = [
     "DEFAULT_WEIGHTS_PATH",
     "REFERENCE_CALL_ARGS",
     "REFERENCE_CONFIG",
+    "VARIABLE_KEYS",
     "build_reference_pipeline",
     "init_reference_pipeline",
     "read_training_summary",
@@ -108,6 +109,10 @@ REFERENCE_CONFIG: Mapping[str, Mapping[str, object]] = MappingProxyType(
 )
 """The reference model's architecture; the weights file records the one it was trained with."""
 
+VARIABLE_KEYS = frozenset({("transformer", "num_layers")})
+"""The parts of :data:`REFERENCE_CONFIG` a weights file may set otherwise: ``scripts/train_reference_model.py
+--num-layers`` trains deeper or shallower variants, and :func:`build_reference_pipeline` builds what the file says."""
+
 REFERENCE_CALL_ARGS: Mapping[str, object] = MappingProxyType(
     {
         "height": 64,
@@ -135,11 +140,22 @@ def _vocabulary_digest(tokenizer) -> str:
     return hashlib.sha256(json.dumps(vocab).encode()).hexdigest()
 
 
-def init_reference_pipeline(seed: int = 0, vae_scaling_factor: float = 1.0):
+def _config_with(num_layers: int | None) -> dict:
+    """REFERENCE_CONFIG as plain dicts, with the transformer's depth set to ``num_layers`` when given."""
+    config = _plain(REFERENCE_CONFIG)
+    if num_layers is not None:
+        if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
+            raise ValueError(f"num_layers must be a positive integer, got {num_layers!r}")
+        config["transformer"]["num_layers"] = num_layers
+    return config
+
+
+def init_reference_pipeline(seed: int = 0, vae_scaling_factor: float = 1.0, num_layers: int | None = None):
     """An untrained reference pipeline on the CPU in float32: the starting point of training.
 
     The transformer and VAE are freshly initialised from ``seed``; tokenizer,
     text encoder and scheduler are the embedded CogVideoX pipeline's.
+    ``num_layers`` sets the transformer's depth (default: :data:`REFERENCE_CONFIG`'s).
     """
     from diffusers import AutoencoderKLCogVideoX, CogVideoXPipeline, CogVideoXTransformer3DModel
 
@@ -152,7 +168,7 @@ def init_reference_pipeline(seed: int = 0, vae_scaling_factor: float = 1.0):
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        transformer = CogVideoXTransformer3DModel(**REFERENCE_CONFIG["transformer"])
+        transformer = CogVideoXTransformer3DModel(**_config_with(num_layers)["transformer"])
         vae = AutoencoderKLCogVideoX(**REFERENCE_CONFIG["vae"], scaling_factor=vae_scaling_factor)
     return CogVideoXPipeline(
         tokenizer=embedded.tokenizer,
@@ -179,7 +195,7 @@ def save_reference_weights(pipe, path: str | os.PathLike, training: Mapping[str,
             state[f"{prefix}.{key}"] = (stored.half() if stored.is_floating_point() else stored).contiguous()
     metadata = {
         "format": WEIGHTS_FORMAT,
-        "config": json.dumps(_plain(REFERENCE_CONFIG), sort_keys=True),
+        "config": json.dumps(_config_with(pipe.transformer.config.num_layers), sort_keys=True),
         "vae_scaling_factor": repr(float(pipe.vae.config.scaling_factor)),
         "tokenizer_vocabulary_sha256": _vocabulary_digest(pipe.tokenizer),
     }
@@ -219,6 +235,7 @@ def build_reference_pipeline(
         device: where the pipeline goes.
         dtype: the modules' dtype (weights are stored in float16 and loaded in float32 first).
 
+    The transformer's depth is the one the file records (:data:`VARIABLE_KEYS`).
     Raises ``FileNotFoundError`` when the file is missing and ``ValueError`` when it
     was trained with another architecture or tokenizer than this code builds.
     """
@@ -241,20 +258,23 @@ def build_reference_pipeline(
         raise ValueError(
             f"reference weights {str(path)!r}: format {metadata.get('format')!r}, expected {WEIGHTS_FORMAT!r}"
         )
-    trained_config = json.loads(metadata["config"])
-    if trained_config != _plain(REFERENCE_CONFIG):
-        changed = sorted(
-            f"{part}.{key}"
-            for part in set(trained_config) | set(REFERENCE_CONFIG)
-            for key in set(trained_config.get(part, {})) | set(_plain(REFERENCE_CONFIG).get(part, {}))
-            if trained_config.get(part, {}).get(key) != _plain(REFERENCE_CONFIG).get(part, {}).get(key)
-        )
+    trained_config, config = json.loads(metadata["config"]), _plain(REFERENCE_CONFIG)
+    changed = sorted(
+        (part, key)
+        for part in set(trained_config) | set(config)
+        for key in set(trained_config.get(part, {})) | set(config.get(part, {}))
+        if trained_config.get(part, {}).get(key) != config.get(part, {}).get(key)
+    )
+    fixed = [f"{part}.{key}" for part, key in changed if (part, key) not in VARIABLE_KEYS]
+    if fixed:
         raise ValueError(
             f"reference weights {str(path)!r} were trained with another REFERENCE_CONFIG "
-            f"(differs in {changed}); retrain with scripts/train_reference_model.py"
+            f"(differs in {fixed}); retrain with scripts/train_reference_model.py"
         )
 
-    pipe = init_reference_pipeline(vae_scaling_factor=float(metadata["vae_scaling_factor"]))
+    pipe = init_reference_pipeline(
+        vae_scaling_factor=float(metadata["vae_scaling_factor"]), num_layers=trained_config["transformer"]["num_layers"]
+    )
     if _vocabulary_digest(pipe.tokenizer) != metadata["tokenizer_vocabulary_sha256"]:
         raise ValueError(
             f"reference weights {str(path)!r} were trained with another tokenizer vocabulary than "
