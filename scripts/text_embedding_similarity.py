@@ -3,9 +3,11 @@
 For the 28 prompts of scripts/check_prompt_adherence.py ("<colour> <shape>
 moving <direction>"), every pair that differs only in the colour, only in the
 shape or only in the direction word is compared: the cosine similarity of the
-whole prompt embeddings (16 tokens x 32 dims, flattened) and of the differing
-token's own embedding. Near 1 means the transformer is handed almost the same
-conditioning for the two prompts and cannot tell them apart. Runs in seconds
+whole prompt embeddings (16 tokens x 32 dims, flattened), of the differing
+token's own embedding, and of each of the five prompt tokens' embeddings (the
+T5 mixes its tokens, so a word can also move the others'). Near 1 means the
+transformer is handed almost the same conditioning for the two prompts and
+cannot tell them apart. Runs in seconds
 on the CPU::
 
     python scripts/text_embedding_similarity.py     # docs/reference-text-embeddings.json
@@ -41,6 +43,9 @@ from vdit_sparse.reference_model import (  # noqa: E402
 )
 
 
+TOKENS = ("colour", "shape", "moving", "direction", "end")  # "<colour> <shape> moving <direction></s>"
+
+
 def similarities(pipe) -> dict:
     cases = list(product(CHROMATIC, SHAPES, DIRECTIONS))
     prompts = [f"{colour} {shape} moving {direction}" for colour, shape, direction in cases]
@@ -54,22 +59,24 @@ def similarities(pipe) -> dict:
     embeddings = embeddings.float()
     whole = F.normalize(embeddings.flatten(1), dim=1)
     ids = pipe.tokenizer(prompts, padding="max_length", max_length=REFERENCE_CALL_ARGS["max_sequence_length"]).input_ids
-    found = {"colour": ([], []), "shape": ([], []), "direction": ([], [])}
+    found = {"colour": ([], [], []), "shape": ([], [], []), "direction": ([], [], [])}
     for i, j in combinations(range(len(cases)), 2):
         differing = [name for name, a, b in zip(("colour", "shape", "direction"), cases[i], cases[j]) if a != b]
         if len(differing) != 1:
             continue
         token = next(k for k, (a, b) in enumerate(zip(ids[i], ids[j])) if a != b)
-        prompt_cos, token_cos = found[differing[0]]
+        prompt_cos, token_cos, each_cos = found[differing[0]]
         prompt_cos.append(float(whole[i] @ whole[j]))
         token_cos.append(float(F.cosine_similarity(embeddings[i, token], embeddings[j, token], dim=0)))
+        each_cos.append(F.cosine_similarity(embeddings[i, : len(TOKENS)], embeddings[j, : len(TOKENS)], dim=-1))
     return {
         name: {
             "pairs": len(prompt_cos),
             "prompt_cosine_mean": round(sum(prompt_cos) / len(prompt_cos), 4),
             "differing_token_cosine_mean": round(sum(token_cos) / len(token_cos), 4),
+            "each_token_cosine_mean": dict(zip(TOKENS, (round(v, 4) for v in torch.stack(each_cos).mean(0).tolist()))),
         }
-        for name, (prompt_cos, token_cos) in found.items()
+        for name, (prompt_cos, token_cos, each_cos) in found.items()
     }
 
 

@@ -24,6 +24,7 @@ sys.path.insert(0, str(SCRIPTS))
 
 import check_prompt_adherence as adherence  # noqa: E402
 import sample_reference_model  # noqa: E402
+import text_embedding_similarity  # noqa: E402
 import train_reference_model as training  # noqa: E402
 import word_sensitivity  # noqa: E402
 
@@ -242,6 +243,16 @@ def test_word_attention_recomputes_the_real_attention_and_reads_each_word():
     assert set(report["top_head_on_shape"]) == set(word_sensitivity.PROMPT_TOKENS)
     with pytest.raises(ValueError, match="does not start"):
         word_sensitivity.word_attention(pipe, noisy, ["a red circle", "blue ring moving up"], 500, rotary, on_shape)
+
+
+def test_text_similarity_measures_each_prompt_token_where_the_words_sit():
+    report = text_embedding_similarity.similarities(build_reference_pipeline())
+    for word, position in (("colour", "colour"), ("shape", "shape"), ("direction", "direction")):
+        each = report[word]["each_token_cosine_mean"]
+        assert list(each) == list(text_embedding_similarity.TOKENS)
+        # the swapped word's own token is the differing token, and it moves most
+        assert each[position] == report[word]["differing_token_cosine_mean"]
+        assert each[position] == min(each.values()) and all(-1 <= value <= 1 for value in each.values())
 
 
 @pytest.mark.parametrize("flag", [["--steps", "0"], ["--repeats", "0"]])
