@@ -145,11 +145,11 @@ def word_attention(pipe, noisy: torch.Tensor, prompts: list[str], timestep: int,
         hidden, text = kwargs["hidden_states"], kwargs["encoder_hidden_states"]
         probs, _ = joint_attention(attn, torch.cat([text, hidden], dim=1), text.shape[1], kwargs.get("image_rotary_emb"))
         on_text = probs[:, :, text.shape[1] :, : text.shape[1]]  # (B, H, video queries, text keys)
-        words = torch.cat([on_text[..., : len(PROMPT_TOKENS)], on_text[..., len(PROMPT_TOKENS) :].sum(-1, keepdim=True)], -1)
+        by_word = torch.cat([on_text[..., : len(PROMPT_TOKENS)], on_text[..., len(PROMPT_TOKENS) :].sum(-1, keepdim=True)], -1)
         masses = []
         for where in (on_shape, ~on_shape):
             weight = where.float()[:, None, :, None]
-            masses.append(((words * weight).sum(2) / weight.sum(2).clamp_min(1)).mean(0))  # (H, words + 1)
+            masses.append(((by_word * weight).sum(2) / weight.sum(2).clamp_min(1)).mean(0))  # (H, words + 1)
         per_layer.append(masses)
 
     handles = [block.attn1.register_forward_pre_hook(hook, with_kwargs=True) for block in pipe.transformer.transformer_blocks]
