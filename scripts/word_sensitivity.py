@@ -129,10 +129,13 @@ def on_shape_tokens(pipe, data: ShapeVideos, scenes, seed: int, latent_shape: to
     return tokens.reshape(batch, -1) >= 0.5
 
 
-def word_attention(pipe, noisy: torch.Tensor, prompts: list[str], timestep: int, rotary, on_shape: torch.Tensor) -> dict:
+def word_attention(
+    pipe, noisy: torch.Tensor, prompts: list[str], timestep: int, rotary, on_shape: torch.Tensor
+) -> tuple[dict, torch.Tensor]:
     """Attention mass of the video queries on each of PROMPT_TOKENS (and on the other text tokens),
     per layer, averaged over the queries on the shape and over those off it; and, per word, the
-    head that puts the most mass on it from the shape's queries."""
+    head that puts the most mass on it from the shape's queries. Returned with the x0 prediction
+    of the forward pass it was read from (:func:`predict_x0`; the hooks only read)."""
     length = REFERENCE_CALL_ARGS["max_sequence_length"]
     ids = pipe.tokenizer(prompts, padding="max_length", max_length=length, truncation=True).input_ids
     for prompt, row in zip(prompts, ids):
@@ -154,7 +157,7 @@ def word_attention(pipe, noisy: torch.Tensor, prompts: list[str], timestep: int,
 
     handles = [block.attn1.register_forward_pre_hook(hook, with_kwargs=True) for block in pipe.transformer.transformer_blocks]
     try:
-        predict_x0(pipe, noisy, prompts, timestep, rotary)
+        x0 = predict_x0(pipe, noisy, prompts, timestep, rotary)
     finally:
         for handle in handles:
             handle.remove()
@@ -169,7 +172,7 @@ def word_attention(pipe, noisy: torch.Tensor, prompts: list[str], timestep: int,
         stacked = torch.stack([masses[0][:, column] for masses in per_layer])  # (layers, heads)
         layer, head = divmod(int(stacked.argmax()), stacked.shape[1])
         report["top_head_on_shape"][name] = {"layer": layer, "head": head, "mass": round(stacked.max().item(), 4)}
-    return report
+    return report, x0
 
 
 def measure(pipe, scenes_count: int, timesteps: list[int], seed: int) -> dict:
@@ -195,12 +198,13 @@ def measure(pipe, scenes_count: int, timesteps: list[int], seed: int) -> dict:
     }
     for timestep in timesteps:
         noisy = pipe.scheduler.add_noise(clean, noise, torch.full((len(scenes),), timestep, dtype=torch.long))
-        base = predict_x0(pipe, noisy, own, timestep, rotary)
+        # the prediction under the scene's own prompt, read from the forward pass the attention is measured on
+        attention, base = word_attention(pipe, noisy, own, timestep, rotary, on_shape)
         row = {word: predict_x0(pipe, noisy, [v[2] for v in variants[word]], timestep, rotary) for word in WORDS}
         row["empty prompt"] = predict_x0(pipe, noisy, [""] * len(scenes), timestep, rotary)
         result[f"t={timestep}"] = {name: mean_relative_l2(x0, base) for name, x0 in row.items()}
         print(f"t={timestep}: {result[f't={timestep}']}", flush=True)
-        result["attention"][f"t={timestep}"] = word_attention(pipe, noisy, own, timestep, rotary, on_shape)
+        result["attention"][f"t={timestep}"] = attention
         print(f"  top heads on the shape: {result['attention'][f't={timestep}']['top_head_on_shape']}", flush=True)
     result["example"] = {"prompt": own[0], **{word: variants[word][0][2] for word in WORDS}}
     return result

@@ -235,7 +235,7 @@ def test_word_attention_recomputes_the_real_attention_and_reads_each_word():
 
     on_shape = word_sensitivity.on_shape_tokens(pipe, data, scenes, 5, clean.shape)
     assert 0 < on_shape.float().mean() < 0.5  # a shape covers some tokens, not most
-    report = word_sensitivity.word_attention(pipe, noisy, prompts, 500, rotary, on_shape)
+    report, x0 = word_sensitivity.word_attention(pipe, noisy, prompts, 500, rotary, on_shape)
     layers = len(pipe.transformer.transformer_blocks)
     for where in ("on_shape", "off_shape"):
         per_layer = [sum(report[where][name][layer] for name in report[where]) for layer in range(layers)]
