@@ -167,19 +167,14 @@ def judge(video: np.ndarray, colour: str, direction: str, shape: str | None = No
 def accuracy(verdicts: list[dict], motion: bool = True) -> dict:
     """Share of the verdicts right on each count; without ``motion`` (stills) no direction."""
     count = max(1, len(verdicts))
-    return {
-        "videos": len(verdicts),
-        "colour": round(sum(v["colour_ok"] for v in verdicts) / count, 4),
-        **(
-            {
-                "direction": round(sum(v["direction_ok"] for v in verdicts) / count, 4),
-                "both": round(sum(v["colour_ok"] and v["direction_ok"] for v in verdicts) / count, 4),
-            }
-            if motion
-            else {}
-        ),
-        **({"shape": round(sum(v["shape_ok"] for v in verdicts) / count, 4)} if all("shape_ok" in v for v in verdicts) else {}),
-    }
+    share = lambda right: round(sum(right) / count, 4)  # noqa: E731
+    result = {"videos": len(verdicts), "colour": share(v["colour_ok"] for v in verdicts)}
+    if motion:
+        result["direction"] = share(v["direction_ok"] for v in verdicts)
+        result["both"] = share(v["colour_ok"] and v["direction_ok"] for v in verdicts)
+    if all("shape_ok" in v for v in verdicts):
+        result["shape"] = share(v["shape_ok"] for v in verdicts)
+    return result
 
 
 def training_videos(count: int, device: str, seed: int) -> tuple[torch.Tensor, list[tuple[str, str, str]]]:
