@@ -6,6 +6,7 @@
 - :mod:`.indices`: block masks to those lists, on the mask's device.
 - :mod:`.permute`: token permutation gather/scatter for chosen heads.
 - :mod:`.reference`: the plain-PyTorch references the tests compare against.
+- :mod:`.block_sizes`: the default block geometry every backend shares (no triton import).
 
 Importing this package needs torch and triton only.  On a machine without a
 GPU the kernels run in Triton's interpreter: export ``TRITON_INTERPRET=1``

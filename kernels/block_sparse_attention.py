@@ -36,6 +36,7 @@ import triton
 import triton.language as tl
 
 from ._triton_runtime import is_hopper, kernel_for
+from .block_sizes import SUPPORTED_BLOCK_SIZES, default_block_sizes
 
 __all__ = ["block_sparse_attention", "default_block_sizes"]
 
@@ -45,19 +46,6 @@ _LOG2_E = 1.4426950408889634  # exp(x) = exp2(x * log2(e))
 _MASK_NONE = 0  # S is a multiple of block_n and no padding mask: no key is ever masked
 _MASK_EVERY_BLOCK = 1  # add a 0/-inf bias row to every key block (tail and padding)
 _MASK_TAIL_BRANCH = 2  # mask only inside a branch taken for the partial last key block
-
-
-def default_block_sizes(head_dim: int) -> tuple[int, int]:
-    """``(block_m, block_n)`` the kernel runs fastest with on Hopper for ``head_dim``.
-
-    Choose them before building indices: they are part of the index contract.
-    64 x 128 for D <= 64, 128 x 64 for D 128: the fastest of the block shapes
-    timed by ``scripts/bench_kernels.py --variants`` on an H200
-    (benchmarks/results/kernels-h200.json).
-    """
-    if head_dim <= 64:
-        return 64, 128
-    return 128, 64
 
 
 @triton.jit
@@ -213,7 +201,6 @@ _block_sparse_attn_fwd_tuned = triton.autotune(
 
 _SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _SUPPORTED_HEAD_DIMS = (32, 64, 128)
-_SUPPORTED_BLOCKS = (16, 32, 64, 128)
 
 
 def _check_inputs(q, k, v, kv_block_indices, kv_block_counts, block_m, block_n, key_padding_mask):
@@ -237,8 +224,8 @@ def _check_inputs(q, k, v, kv_block_indices, kv_block_counts, block_m, block_n, 
     if seq_len < 1:
         raise ValueError(f"sequence length (q.shape[2]) must be >= 1, got {seq_len}")
     for name, value in (("block_m", block_m), ("block_n", block_n)):
-        if value not in _SUPPORTED_BLOCKS:
-            raise ValueError(f"{name} must be one of {_SUPPORTED_BLOCKS}, got {value!r}")
+        if value not in SUPPORTED_BLOCK_SIZES:
+            raise ValueError(f"{name} must be one of {SUPPORTED_BLOCK_SIZES}, got {value!r}")
     num_q_blocks = -(-seq_len // block_m)
     if not isinstance(kv_block_indices, torch.Tensor) or kv_block_indices.dtype != torch.int32:
         got = kv_block_indices.dtype if isinstance(kv_block_indices, torch.Tensor) else type(kv_block_indices).__name__

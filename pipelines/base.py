@@ -47,10 +47,25 @@ class RoutingProcessor:
     run exactly the code they ran before.
     """
 
+    #: Attributes diffusers sets on a model's processors that belong to the processor we hold:
+    #: ``set_attention_backend`` after applying reaches the model's processor through us.
+    _DELEGATED = frozenset({"_attention_backend"})
+
     def __init__(self, original: Any, layer_index: int, dispatcher: Dispatcher):
         self.original = original
         self.layer_index = layer_index
         self.dispatcher = dispatcher
+
+    def __getattr__(self, name: str) -> Any:  # only called for attributes we do not have
+        if name in RoutingProcessor._DELEGATED:
+            return getattr(self.original, name)  # AttributeError when the model's processor has none either
+        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in RoutingProcessor._DELEGATED:
+            setattr(self.original, name, value)
+        else:
+            object.__setattr__(self, name, value)
 
 
 class PipelineAdapter:
@@ -75,6 +90,10 @@ class PipelineAdapter:
         return inputs["timestep"]
 
     def make_processor(self, original: Any, layer_index: int, dispatcher: Dispatcher) -> Any:
+        raise NotImplementedError
+
+    def default_profile(self, transformer: torch.nn.Module) -> str:
+        """The built-in profile for this model (what the command line uses when no profile is given)."""
         raise NotImplementedError
 
     def decode_latents(self, pipe: Any, latents: torch.Tensor, call_args: dict[str, Any]) -> torch.Tensor:

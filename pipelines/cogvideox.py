@@ -42,6 +42,12 @@ class CogVideoXAdapter(PipelineAdapter):
     def make_processor(self, original, layer_index, dispatcher):
         return CogVideoXSparseProcessor(original, layer_index, dispatcher)
 
+    def default_profile(self, transformer):
+        config = transformer.config
+        if config.patch_size_t is not None:
+            return "cogvideox1.5-5b"
+        return "cogvideox-5b" if config.use_rotary_positional_embeddings else "cogvideox-2b"
+
     def decode_latents(self, pipe, latents, call_args):
         # CogVideoX 1.5 pads the latent frames to a multiple of patch_size_t and drops the padding before decoding.
         patch_size_t = pipe.transformer.config.patch_size_t
@@ -71,7 +77,10 @@ class CogVideoXSparseProcessor(RoutingProcessor):
 
         text_length = encoder_hidden_states.size(1)
         hidden_states = torch.cat([encoder_hidden_states, hidden_states], dim=1)
-        query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+        if getattr(attn, "fused_projections", False):  # pipe.fuse_qkv_projections() before applying
+            query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
+        else:
+            query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
         head_dim = key.shape[-1] // attn.heads
         query = query.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
         key = key.view(batch, -1, attn.heads, head_dim).transpose(1, 2)

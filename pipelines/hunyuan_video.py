@@ -41,6 +41,9 @@ class HunyuanVideoAdapter(PipelineAdapter):
     def make_processor(self, original, layer_index, dispatcher):
         return HunyuanVideoSparseProcessor(original, layer_index, dispatcher)
 
+    def default_profile(self, transformer):
+        return "hunyuan-video"
+
     def decode_latents(self, pipe, latents, call_args):
         scaled = latents.to(pipe.vae.dtype) / pipe.vae.config.scaling_factor
         return pipe.vae.decode(scaled, return_dict=False)[0]

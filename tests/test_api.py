@@ -135,28 +135,59 @@ def test_true_cfg_calls_share_the_step_and_differ_in_call_kind():
     assert torch.isfinite(output).all()
 
 
-def test_a_call_interrupted_midway_does_not_leak_into_the_next(family_pipe):
-    """The next call's first step is lower than the last step seen: the handle starts a new run.
+def interrupt_after(step: int):
+    """A ``callback_on_step_end`` that stops the call after ``step``, before the pipeline resets its hooks."""
 
-    (A call interrupted during its first step cannot be told from a second
-    call at the same step; ``handle.reset()`` covers that case.)
-    """
+    def stop(pipe, step_index, timestep, callback_kwargs):
+        if step_index == step:
+            raise KeyboardInterrupt
+        return callback_kwargs
+
+    return stop
+
+
+def test_a_call_interrupted_midway_does_not_leak_into_the_next(family_pipe):
     _, pipe = family_pipe
     profile = sparse_profile(0, dense_warmup_steps=1)
     with accelerate_pipeline(pipe, profile) as handle:
         expected = run_pipeline(pipe)
         calls = dict(handle.stats.calls)
-
-        def stop(pipe, step_index, timestep, callback_kwargs):
-            if step_index == 1:
-                raise KeyboardInterrupt
-            return callback_kwargs
-
         with pytest.raises(KeyboardInterrupt):
-            run_pipeline(pipe, callback_on_step_end=stop)  # dies after step 1, before the pipeline resets hooks
+            run_pipeline(pipe, callback_on_step_end=interrupt_after(1))
         output = run_pipeline(pipe)
         assert handle.stats.calls == calls
     assert torch.equal(output, expected)
+
+
+def test_a_call_interrupted_in_its_first_step_does_not_leak_into_the_next(family_pipe):
+    """Without ``handle.reset()``: the next call's new scheduler timesteps start a new run."""
+    _, pipe = family_pipe
+    profile = {"name": "svg-reprofile-5", "method": "svg",
+               "params": {"density": 0.3, "reprofile_every": 5, "block_size": 16, "backend": "reference"}}
+    with accelerate_pipeline(pipe, profile) as handle:
+        expected = run_pipeline(pipe)
+        summary = handle.summary()
+        with pytest.raises(KeyboardInterrupt):
+            run_pipeline(pipe, seed=1, callback_on_step_end=interrupt_after(0))  # other inputs, other head decisions
+        output = run_pipeline(pipe)
+        assert handle.summary() == summary
+    assert torch.equal(output, expected)
+
+
+def test_hunyuan_video_in_bf16_runs_exactly_its_warm_up_steps_dense():
+    """Its pipeline casts the timestep to bf16, where steps 1 and 2 of 50 round to one value."""
+    from vdit_sparse.embedded import build_embedded_pipeline
+
+    pipe = build_embedded_pipeline("hunyuan-video", seed=0, dtype=torch.bfloat16)
+    pipe.set_progress_bar_config(disable=True)
+    steps = 50
+    with accelerate_pipeline(pipe, sparse_profile(0, dense_warmup_steps=2, dense_layers=[0])) as handle:
+        seen = record_steps(handle)
+        run_pipeline(pipe, num_inference_steps=steps)
+        layers = handle.num_layers
+        assert [step for step, _ in seen] == list(range(steps))
+        sparse_steps = steps - 2
+        assert handle.stats.calls == {"dense": 2 * layers + sparse_steps, "sliding_frames": sparse_steps * (layers - 1)}
 
 
 def test_reset_starts_a_new_run(family_pipe):
@@ -164,7 +195,7 @@ def test_reset_starts_a_new_run(family_pipe):
     with accelerate_pipeline(pipe, sparse_profile(0)) as handle:
         seen = record_steps(handle)
         with pytest.raises(KeyboardInterrupt):
-            run_pipeline(pipe, callback_on_step_end=lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+            run_pipeline(pipe, callback_on_step_end=interrupt_after(0))
         handle.reset()
         run_pipeline(pipe)
         assert seen[0] == (0, 0) and seen[1:] == [(i, 0) for i in range(STEPS)]

@@ -37,9 +37,98 @@ def test_bad_profile_exits_with_the_message(tmp_path, capsys):
     assert "unknown profile 'no-such-profile'" in capsys.readouterr().err
 
 
-def test_bad_size_is_refused(tmp_path):
-    with pytest.raises(SystemExit, match="--steps must be >= 1, got 0"):
-        main(["generate", "--model", "embedded:cogvideox", "--steps", "0", "--out", str(tmp_path / "x.mp4")])
+@pytest.fixture
+def no_model_loading(monkeypatch):
+    """Fail the test if the command gets as far as loading a model."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the command loaded a model before checking its arguments")
+
+    monkeypatch.setattr("vdit_sparse.cli._load_pipeline", refuse)
+
+
+def one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
+    return err
+
+
+@pytest.mark.parametrize(
+    "extra, words",
+    [
+        (["--steps", "0"], ["--steps must be >= 1, got 0"]),
+        (["--fps", "0"], ["--fps must be >= 1, got 0"]),
+        (["--out", "{tmp}"], ["is a directory", "video.mp4"]),
+        (["--out", "{tmp}/clip"], ["expected a video file name ending in .mp4", "no extension"]),
+        (["--out", "{tmp}/clip.json"], ["'.json'"]),
+        (["--out", "{tmp}/a-file/clip.mp4"], ["--out: cannot write to", "a-file"]),
+        (["--summary", "{tmp}/a-file/s.json"], ["--summary: cannot write to"]),
+    ],
+    ids=["steps", "fps", "out-directory", "out-no-extension", "out-wrong-extension", "out-unwritable",
+         "summary-unwritable"],
+)
+def test_generate_arguments_are_checked_before_any_work(tmp_path, capsys, no_model_loading, extra, words):
+    (tmp_path / "a-file").write_text("not a directory")
+    argv = ["generate", "--out", str(tmp_path / "x.mp4"), *[arg.format(tmp=tmp_path) for arg in extra]]
+    assert main(argv) == 2
+    err = one_line_error(capsys)
+    for word in words:
+        assert word in err
+
+
+def test_profile_for_another_family_fails_before_the_dense_run(tmp_path, capsys, monkeypatch):
+    def no_run(*args, **kwargs):
+        raise AssertionError("a pipeline ran before the profile was checked against the model")
+
+    monkeypatch.setattr("vdit_sparse.cli._generate", no_run)
+    code = main(["generate", "--model", "embedded:hunyuan-video", "--profile", "cogvideox-5b", "--compare-dense",
+                 "--out", str(tmp_path / "x.mp4")])
+    assert code == 2
+    assert "written for model family 'cogvideox', but the pipeline is 'hunyuan-video'" in one_line_error(capsys)
+
+
+def test_eval_checks_profiles_against_the_model_before_the_dense_runs(tmp_path, capsys, monkeypatch):
+    def no_run(*args, **kwargs):
+        raise AssertionError("evaluation started before the profiles were checked against the model")
+
+    monkeypatch.setattr("vdit_sparse.evaluate.evaluate_profiles", no_run)
+    code = main(["eval", "--model", "embedded:hunyuan-video", "--profile", "hunyuan-video", "--profile",
+                 "cogvideox-2b", "--out-dir", str(tmp_path / "out")])
+    assert code == 2
+    assert "'cogvideox-2b' was written for model family 'cogvideox'" in one_line_error(capsys)
+
+
+@pytest.mark.parametrize(
+    "extra, words",
+    [
+        (["--out-dir", "{tmp}/a-file/out"], ["--out-dir: cannot write to"]),
+        (["--prompts-file", "{tmp}/empty.txt"], ["holds no prompt"]),
+        (["--prompts-file", "{tmp}/absent.txt"], ["--prompts-file", "cannot read it"]),
+        (["--profile", "{tmp}/empty.txt"], ["is empty"]),
+    ],
+    ids=["out-dir-unwritable", "empty-prompts-file", "missing-prompts-file", "empty-profile"],
+)
+def test_eval_arguments_are_checked_before_any_work(tmp_path, capsys, no_model_loading, extra, words):
+    (tmp_path / "a-file").write_text("not a directory")
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    argv = ["eval", "--profile", "dense", "--out-dir", str(tmp_path / "ok"), *[a.format(tmp=tmp_path) for a in extra]]
+    assert main(argv) == 2
+    err = one_line_error(capsys)
+    for word in words:
+        assert word in err
+
+
+def test_unknown_model_is_one_line(tmp_path, capsys):
+    assert main(["generate", "--model", "embedded:nope", "--out", str(tmp_path / "x.mp4")]) == 2
+    assert "unknown embedded model 'embedded:nope'" in one_line_error(capsys)
+
+
+@pytest.mark.parametrize("model, profile", [("embedded:hunyuan-video", "hunyuan-video"),
+                                            ("embedded:cogvideox-2b", "cogvideox-2b")])
+def test_default_profile_follows_the_model(tmp_path, model, profile):
+    out = tmp_path / "clip.mp4"
+    assert main(["generate", "--model", model, "--steps", "2", "--out", str(out)]) == 0
+    assert json.loads(out.with_suffix(".json").read_text())["profile"] == profile
 
 
 def test_generate_on_the_reference_model_by_default(tmp_path):

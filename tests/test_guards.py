@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -64,30 +66,57 @@ def test_profile_for_a_bigger_model_is_refused(pipe):
     accelerate_pipeline(pipe, "dense").remove()
 
 
-def test_step_tracker_matches_bf16_timesteps_to_the_schedule():
-    class Scheduler:
-        timesteps = torch.tensor([999, 979, 959, 939, 919])
+def pipe_with_schedule(timesteps) -> SimpleNamespace:
+    """What StepTracker reads of a pipeline: its scheduler's timesteps and its current (full-precision) timestep."""
+    return SimpleNamespace(scheduler=SimpleNamespace(timesteps=torch.as_tensor(timesteps)), current_timestep=None)
 
-    tracker = StepTracker(Scheduler())
-    observed = [tracker.observe(torch.tensor([t], dtype=torch.bfloat16)) for t in Scheduler.timesteps.tolist()]
+
+def test_step_tracker_matches_bf16_timesteps_to_the_schedule():
+    pipe = pipe_with_schedule([999, 979, 959, 939, 919])
+    tracker = StepTracker(pipe)
+    observed = [tracker.observe(torch.tensor([t], dtype=torch.bfloat16)) for t in pipe.scheduler.timesteps.tolist()]
     assert [(step, kind) for step, _, kind in observed] == [(i, 0) for i in range(5)]
     assert tracker.observe(torch.tensor(919.0)) == (4, 5, 1)  # a second call at the same step
     tracker.reset()
     assert tracker.observe(torch.tensor(979.0)) == (1, 5, 0)
 
 
+def test_steps_that_round_to_one_bf16_value_are_told_apart():
+    """HunyuanVideo's 50-step schedule (shift 7) puts its first steps closer together than bf16 can tell apart."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=7.0)
+    scheduler.set_timesteps(50)
+    schedule = scheduler.timesteps
+    as_bf16 = schedule.to(torch.bfloat16)
+    assert len(set(as_bf16[:4].tolist())) < 4  # the premise: neighbouring steps collide in bf16
+    pipe = SimpleNamespace(scheduler=scheduler, current_timestep=None)
+    tracker = StepTracker(pipe)
+    seen = []
+    for t in schedule:
+        pipe.current_timestep = t  # what the diffusers pipelines set before calling the transformer
+        seen.append(tracker.observe(t.expand(2).to(torch.bfloat16))[0])
+    assert seen == list(range(50))
+
+
 def test_step_tracker_without_a_schedule_counts_new_timesteps():
-    tracker = StepTracker(scheduler=None)
+    tracker = StepTracker(SimpleNamespace(scheduler=None))
     assert [tracker.observe(t)[0] for t in (5.0, 5.0, 3.0, 1.0)] == [0, 0, 1, 2]
 
 
 def test_step_tracker_starts_over_when_steps_go_back():
     """A run interrupted before the pipeline's reset must not leak its step counts into the next run."""
-
-    class Scheduler:
-        timesteps = torch.tensor([999, 666, 333])
-
-    tracker = StepTracker(Scheduler())
+    tracker = StepTracker(pipe_with_schedule([999, 666, 333]))
     assert [tracker.observe(torch.tensor(t))[::2] for t in (999.0, 999.0, 666.0)] == [(0, 0), (0, 1), (1, 0)]
-    assert not tracker.restarted
-    assert tracker.observe(torch.tensor(999.0))[::2] == (0, 0) and tracker.restarted
+    assert not tracker.new_run
+    assert tracker.observe(torch.tensor(999.0))[::2] == (0, 0) and tracker.new_run
+
+
+def test_step_tracker_starts_over_when_the_pipeline_sets_new_timesteps():
+    """Interrupted during its first step, a call leaves step 0 behind; the next call's new schedule starts a run."""
+    pipe = pipe_with_schedule([999, 666, 333])
+    tracker = StepTracker(pipe)
+    assert tracker.observe(torch.tensor(999.0)) == (0, 3, 0) and tracker.new_run
+    pipe.scheduler.timesteps = torch.tensor([999, 666, 333])  # set_timesteps of the next pipeline call
+    assert tracker.observe(torch.tensor(999.0)) == (0, 3, 0) and tracker.new_run
+    assert tracker.observe(torch.tensor(999.0)) == (0, 3, 1) and not tracker.new_run

@@ -48,7 +48,9 @@ def test_layer_params_refine_profile_params():
     assert (params.window_frames, params.block_size) == (0, 32)
 
 
-@pytest.mark.parametrize("fraction, steps, expected", [(0.25, 50, 13), (0.25, 4, 1), (0.0, 8, 0), (1.0, 6, 6)])
+@pytest.mark.parametrize(
+    "fraction, steps, expected", [(0.25, 50, 13), (0.25, 4, 1), (0.0, 8, 0), (1.0, 6, 6), (0.28, 25, 7), (0.06, 50, 3)]
+)
 def test_warmup_fraction_rounds_up(fraction, steps, expected):
     assert load_profile({"method": "dense", "dense_warmup_fraction": fraction}).dense_warmup_steps(steps) == expected
 
@@ -70,6 +72,19 @@ MALFORMED = {
     "bad-sensitivity": ({"method": "dense", "layers": {1: {"sensitivity": -0.1}}}, ["layers.1.sensitivity", "-0.1"]),
     "zero-heads": ({"method": "dense", "model": {"num_heads": 0}}, ["model.num_heads", "0"]),
     "not-a-mapping": (["dense"], ["built-in name", "YAML path", "list"]),
+    "layers-as-list": ({"method": "dense", "layers": [1, 2]}, ["field 'layers'", "expected a mapping", "[1, 2]"]),
+    "params-as-list": ({"method": "sliding_frames", "params": [1]}, ["field 'params'", "expected a mapping", "[1]"]),
+    "dense-layers-as-mapping": ({"method": "dense", "dense_layers": {0: 1}}, ["field 'dense_layers'", "expected a list"]),
+    "layer-as-list": ({"method": "dense", "layers": {1: [1]}}, ["field 'layers.1'", "expected a mapping"]),
+    "layer-params-as-list": ({"method": "dense", "layers": {1: {"params": [1]}}}, ["field 'layers.1.params'"]),
+    "huge-window": ({"method": "sliding_frames", "params": {"window_frames": 10**20}},
+                    ["window_frames", "100000000000000000000", "at most 2147483647"]),
+    "huge-layer-index": ({"method": "dense", "dense_layers": [2**40]}, ["dense_layers[0]", "too large"]),
+    "interpolation": ({"method": "dense", "description": "${oc.env:HOME}"}, ["field 'description'", "${oc.env:HOME}",
+                                                                              "interpolation", "plain data"]),
+    "interpolation-in-params": ({"method": "sliding_frames", "params": {"window_frames": "${oc.env:W}"}},
+                                ["params.window_frames", "interpolation"]),
+    "empty": ({}, ["is empty", "method"]),
 }
 
 
@@ -127,3 +142,26 @@ def test_yaml_that_is_not_a_mapping(tmp_path):
     path.write_text("- dense\n- sliding_frames\n")
     with pytest.raises(ProfileError, match="expected a mapping of fields, got list"):
         load_profile(path)
+
+
+@pytest.mark.parametrize(
+    "content, words",
+    [
+        (b"", ["is empty"]),
+        (b"# only a comment\n", ["is empty"]),
+        (bytes(range(256)), ["not a UTF-8 text file"]),
+        (b"name: ${oc.env:HOME}\nmethod: dense\n", ["field 'name'", "interpolation"]),
+        (b"method: sliding_frames\nparams: {window_frames: 100000000000000000000}\n", ["window_frames", "too large"]),
+        (b"method: dense\nlayers: [1, 2]\n", ["field 'layers'", "expected a mapping"]),
+    ],
+    ids=["empty", "comment-only", "binary", "interpolation", "huge-int", "layers-as-list"],
+)
+def test_malformed_yaml_file_is_refused_with_a_clear_message(tmp_path, monkeypatch, content, words):
+    monkeypatch.setenv("HOME", "/secret/home")
+    path = tmp_path / "bad.yaml"
+    path.write_bytes(content)
+    with pytest.raises(ProfileError) as error:
+        load_profile(path)
+    for word in words:
+        assert word in str(error.value)
+    assert "/secret/home" not in str(error.value)

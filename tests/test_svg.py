@@ -147,3 +147,23 @@ def test_svg_on_the_kernels_equals_the_masked_reference(text_position):
         decisions = method._decisions[call.cache_key][1]
     assert decisions.any() and not decisions.all()  # both paths of the layout transformation ran
     assert (outputs["triton"] - outputs["reference"]).abs().max().item() <= 1e-4
+
+
+def test_reference_and_kernel_paths_compute_one_mask_by_default():
+    """Without block_size both backends take the kernels' block geometry (64 x 128 at head dim 32)."""
+    from vdit_sparse.kernels._triton_runtime import interpreter_active
+    from vdit_sparse.methods.svg import SVGMethod
+    from vdit_sparse.synthetic import planted_qkv
+
+    if not torch.cuda.is_available() and not interpreter_active():
+        pytest.skip("triton was imported before TRITON_INTERPRET=1 was set")
+    layout = TokenLayout(LatentGrid(5, 8, 10), 16, "prefix")
+    q, k, v = planted_qkv(layout, ["spatial", "temporal"], batch=1, head_dim=32, noise=0.5, seed=4)
+    outputs, fractions = {}, {}
+    for backend in ("reference", "triton"):
+        method = SVGMethod(SVGMethod.parse_params({"density": 0.3, "backend": backend}))
+        call = _svg_call(layout)
+        outputs[backend] = method.attend(q, k, v, call)
+        fractions[backend] = call.stats.computed_fraction
+    assert fractions["reference"] == fractions["triton"] < 1.0
+    assert (outputs["triton"] - outputs["reference"]).abs().max().item() <= 1e-4

@@ -32,50 +32,64 @@ from .pipelines import PipelineAdapter, find_adapter
 from .pipelines.base import bind_forward_inputs
 from .profile import Profile, ResolvedProfile, load_profile
 
-__all__ = ["accelerate_pipeline", "AccelerationHandle"]
+__all__ = ["accelerate_pipeline", "check_profile", "AccelerationHandle"]
 
-_STEP_HOOK = "vdit_sparse_step_context"
+_RUN_END_HOOK = "vdit_sparse_run_end"
 _HANDLE_ATTR = "_vdit_sparse_handle"
 
 
 class StepTracker:
     """Turns the timestep each transformer forward receives into a step index and a call kind.
 
-    The index is the position of the nearest of the scheduler's timesteps
-    (pipelines may cast the timestep to bf16, so exact equality would fail).
-    A second forward at the same step (the unconditional call under true CFG)
-    gets ``call_kind`` 1.  Without scheduler timesteps (the transformer called
-    by hand) each new timestep value starts a new step.  A step index lower
-    than the last one means a new run began without the pipeline's reset (an
-    interrupted call, say): the tracker then starts over and says so in
-    :attr:`restarted`.
+    The step index is the position of the received timestep among the
+    scheduler's timesteps, compared in the dtype the transformer receives:
+    HunyuanVideo casts its timestep to bf16, where neighbouring steps of a
+    50-step schedule round to one value.  When several steps match, the
+    pipeline's full-precision ``current_timestep`` picks among them (without
+    it, the earliest one not before the last step seen).  A second forward at
+    the same step (the unconditional call under true CFG) gets ``call_kind`` 1.
+    Without scheduler timesteps (the transformer called by hand) each new
+    timestep value starts a new step.
+
+    A new pipeline call is recognised without help: every call sets new
+    scheduler timesteps (a new tensor) before its first step, and a step
+    index lower than the last one also starts over (a transformer driven by
+    hand).  :attr:`new_run` says whether the last observed forward began a run.
+    The pipeline and its scheduler are read at every forward, so a scheduler
+    swapped after applying is followed.
     """
 
-    def __init__(self, scheduler: Any):
-        self.scheduler = scheduler
+    def __init__(self, pipe: Any):
+        self.pipe = pipe
         self.reset()
 
     def reset(self) -> None:
         self._calls_per_step: dict[int, int] = {}
+        self._schedule: Any = None  # the scheduler's timesteps object of the current run
+        self._schedule_cpu: torch.Tensor | None = None
         self._last_timestep: float | None = None
         self._last_step = -1
         self._fallback_step = -1
-        self.restarted = False
+        self.new_run = False
 
     def observe(self, timestep: torch.Tensor | float) -> tuple[int, int, int]:
         """-> (step_index, num_steps, call_kind); num_steps is 0 when unknown."""
-        value = float(timestep.flatten()[0]) if torch.is_tensor(timestep) else float(timestep)
-        schedule = getattr(self.scheduler, "timesteps", None)
+        received = timestep.detach().flatten()[0].cpu() if torch.is_tensor(timestep) else torch.tensor(float(timestep), dtype=torch.float64)
+        value = float(received)
+        scheduler = getattr(self.pipe, "scheduler", None)
+        schedule = getattr(scheduler, "timesteps", None)
+        began = self._last_step < 0
         if schedule is not None and len(schedule) > 0:
-            schedule = torch.as_tensor(schedule).float().cpu()
-            step = int((schedule - value).abs().argmin())
-            num_steps = len(schedule)
+            if schedule is not self._schedule:  # set_timesteps ran: a new pipeline call
+                began = True
+                self._schedule, self._schedule_cpu = schedule, torch.as_tensor(schedule).detach().cpu()
+            step, num_steps = self._match(received, began), len(self._schedule_cpu)
         else:
             if value != self._last_timestep:
                 self._fallback_step += 1
             step, num_steps = self._fallback_step, 0
-        self.restarted = step < self._last_step
-        if self.restarted:
+        self.new_run = began or step < self._last_step
+        if self.new_run:
             self._calls_per_step.clear()
         self._last_step = step
         self._last_timestep = value
@@ -83,19 +97,29 @@ class StepTracker:
         self._calls_per_step[step] = call_kind + 1
         return step, num_steps, call_kind
 
+    def _match(self, received: torch.Tensor, began: bool) -> int:
+        """Index of the schedule entry that becomes ``received`` in ``received``'s dtype (the nearest if none does)."""
+        as_received = self._schedule_cpu.to(received.dtype).double()
+        distance = (as_received - received.double()).abs()
+        candidates = torch.nonzero(distance == distance.min()).flatten().tolist()
+        if len(candidates) == 1:
+            return candidates[0]
+        exact = getattr(self.pipe, "current_timestep", None)  # diffusers video pipelines set it to the step's t
+        if exact is not None and torch.as_tensor(exact).to(received.dtype).cpu() == received:
+            exact = float(exact)
+            return min(candidates, key=lambda i: abs(float(self._schedule_cpu[i]) - exact))
+        later = [i for i in candidates if began or i >= self._last_step]
+        return later[0] if later else candidates[0]
 
-class _StepContextHook(ModelHook):
-    """Builds the step context before each transformer forward; reset by the pipeline after each call."""
+
+class _RunEndHook(ModelHook):
+    """Hears the end of every pipeline call: diffusers resets stateful hooks then (``maybe_free_model_hooks``)."""
 
     _is_stateful = True
 
     def __init__(self, handle: "AccelerationHandle"):
         super().__init__()
         self.handle = handle
-
-    def pre_forward(self, module, *args, **kwargs):
-        self.handle._begin_forward(module, args, kwargs)
-        return args, kwargs
 
     def reset_state(self, module):
         self.handle._end_run()
@@ -118,9 +142,8 @@ class AccelerationHandle:
         self._modules = adapter.attention_modules(self.transformer)
         self.num_layers = len(self._modules)
         self.num_heads = adapter.num_heads(self.transformer)
-        self._tracker = StepTracker(getattr(pipe, "scheduler", None))
+        self._tracker = StepTracker(pipe)
         self._step: StepContext | None = None
-        self._run_open = False
         self._methods: dict[int, AttentionMethod | None] = {}
         shared: dict[tuple, AttentionMethod] = {}
         for layer in range(self.num_layers):
@@ -133,35 +156,57 @@ class AccelerationHandle:
             if key not in shared:
                 shared[key] = method_cls(params)
             self._methods[layer] = shared[key]
-        self._originals: list[Any] = []
+        # (module, our processor, the processor it replaced), per layer
+        self._installed: list[tuple[torch.nn.Module, Any, Any]] = []
+        self._forward_hook: Any = None
+        self._registry_created = False
         self._removed = False
 
     # -- installation --------------------------------------------------------------
 
     def _install(self) -> None:
         for layer, module in enumerate(self._modules):
-            self._originals.append(module.processor)
-            module.set_processor(self.adapter.make_processor(module.processor, layer, self))
-        registry = HookRegistry.check_if_exists_or_initialize(self.transformer)
-        registry.register_hook(_StepContextHook(self), _STEP_HOOK)
+            routing = self.adapter.make_processor(module.processor, layer, self)
+            self._installed.append((module, routing, module.processor))
+            module.set_processor(routing)
+        # The step context comes from a PyTorch forward pre-hook on the transformer, not from a
+        # wrapper around its forward: diffusers' CPU offload removes and re-installs its own
+        # forward wrappers after every call, which would drop ours, and a wrapper of ours removed
+        # later would drop theirs.
+        self._forward_hook = self.transformer.register_forward_pre_hook(self._on_forward, with_kwargs=True)
+        # The end-of-call reset reaches every diffusers hook registry under the transformer; ours
+        # sits on the first attention module, whose forward no offload wrapper touches.
+        first = self._modules[0]
+        self._registry_created = not hasattr(first, "_diffusers_hook")
+        HookRegistry.check_if_exists_or_initialize(first).register_hook(_RunEndHook(self), _RUN_END_HOOK)
         setattr(self.transformer, _HANDLE_ATTR, self)
 
     def remove(self) -> None:
-        """Put the original processors back and drop the hook; the pipeline computes exactly as before."""
+        """Put the original processors back and drop the hooks; the pipeline computes exactly as before.
+
+        A processor that was replaced after applying (``fuse_qkv_projections()``,
+        ``set_attn_processor``) is the user's choice and stays.
+        """
         if self._removed:
             return
-        for module, original in zip(self._modules, self._originals):
-            module.set_processor(original)
-        HookRegistry.check_if_exists_or_initialize(self.transformer).remove_hook(_STEP_HOOK, recurse=False)
+        for module, routing, original in self._installed:
+            if module.processor is routing:
+                module.set_processor(original)
+        self._forward_hook.remove()
+        first = self._modules[0]
+        first._diffusers_hook.remove_hook(_RUN_END_HOOK, recurse=False)
+        if self._registry_created and not first._diffusers_hook.hooks:
+            del first._diffusers_hook
         delattr(self.transformer, _HANDLE_ATTR)
+        self._end_run()
         self._removed = True
 
     def reset(self) -> None:
         """Forget the current run: the next transformer forward starts a new one.
 
-        The pipeline does this itself after every call; call it after a call
-        that was interrupted during its first step (one interrupted later is
-        recognised when the next call's steps go back).
+        Not needed between pipeline calls, even interrupted ones: a new call
+        is recognised by the new scheduler timesteps it sets.  Use it when
+        driving the transformer by hand.
         """
         self._end_run()
 
@@ -171,15 +216,30 @@ class AccelerationHandle:
     def __exit__(self, *exc_info) -> None:
         self.remove()
 
-    # -- the step context, fed by the transformer hook ------------------------------
+    # -- the step context, fed by the transformer's forward pre-hook ------------------
+
+    def _on_forward(self, transformer, args, kwargs) -> None:
+        self._check_processors()
+        self._begin_forward(transformer, args, kwargs)
+
+    def _check_processors(self) -> None:
+        """Refuse to run when processors were swapped after applying: those layers would silently run dense."""
+        replaced = [layer for layer, (module, routing, _) in enumerate(self._installed) if module.processor is not routing]
+        if replaced:
+            now = sorted({type(self._installed[layer][0].processor).__name__ for layer in replaced})
+            raise RuntimeError(
+                f"vdit-sparse: attention processors were replaced after accelerate_pipeline (layers {replaced} now "
+                f"run {', '.join(now)}; fuse_qkv_projections() and set_attn_processor() do this), so these layers "
+                "would run without the profile. Call handle.remove(), which keeps the new processors, then "
+                "accelerate_pipeline() again; or make the change before applying."
+            )
 
     def _begin_forward(self, transformer, args, kwargs) -> None:
         inputs = bind_forward_inputs(transformer.forward, args, kwargs)
         layout = self.adapter.token_layout(transformer, inputs)
         timestep = self.adapter.timestep(inputs)
         step, num_steps, call_kind = self._tracker.observe(timestep)
-        if not self._run_open or self._tracker.restarted:  # first forward of a pipeline call
-            self._run_open = True
+        if self._tracker.new_run:
             self.stats.reset()
             for method in {id(m): m for m in self._methods.values() if m is not None}.values():
                 method.reset()
@@ -189,7 +249,6 @@ class AccelerationHandle:
     def _end_run(self) -> None:
         self._tracker.reset()
         self._step = None
-        self._run_open = False
 
     # -- the dispatcher side that processors call ----------------------------------
 
@@ -197,7 +256,8 @@ class AccelerationHandle:
         step = self._step
         method = self._methods[layer_index]
         dense = (
-            step is None
+            self._removed  # a processor of ours brought back after remove() (unfuse_qkv_projections)
+            or step is None
             or method is None
             or step.step_index < self.profile.dense_warmup_steps(step.num_steps)
         )
@@ -256,10 +316,22 @@ def accelerate_pipeline(pipe: Any, profile: Union[str, Path, Profile, dict, Reso
             f"vdit-sparse has already been applied to this pipeline (profile '{existing.profile.name}'); "
             "call handle.remove() first"
         )
-    adapter = find_adapter(pipe)
-    resolved = load_profile(profile)
-    modules = adapter.attention_modules(transformer)
-    resolved.check_model(adapter.family, len(modules), adapter.num_heads(transformer))
-    handle = AccelerationHandle(pipe, adapter, resolved)
+    handle = AccelerationHandle(pipe, find_adapter(pipe), check_profile(pipe, profile))
     handle._install()
     return handle
+
+
+def check_profile(pipe: Any, profile: Union[str, Path, Profile, dict, ResolvedProfile]) -> ResolvedProfile:
+    """Load ``profile`` and check that it fits ``pipe``, changing nothing.
+
+    Raises :class:`~vdit_sparse.profile.ProfileError` for a profile written
+    for another model family or for other layer or head counts, and
+    ``TypeError`` for a pipeline vdit-sparse does not support.
+    :func:`accelerate_pipeline` makes the same checks; call this one to fail
+    before long work, such as a dense baseline run.
+    """
+    adapter = find_adapter(pipe)
+    resolved = load_profile(profile)
+    transformer = pipe.transformer
+    resolved.check_model(adapter.family, len(adapter.attention_modules(transformer)), adapter.num_heads(transformer))
+    return resolved

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -17,6 +18,12 @@ __all__ = ["main"]
 
 DEFAULT_MODEL = "embedded:reference"
 DEFAULT_PROMPT = "red circle moving right"
+#: Containers ``write_video``'s H.264 stream goes into, chosen by the file name.
+VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv")
+
+
+class UsageError(Exception):
+    """A command-line mistake: printed as one line, exit status 2, before any work starts."""
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -31,7 +38,9 @@ def _build_parser() -> argparse.ArgumentParser:
         "reference model; random-weight ones: embedded:cogvideox, embedded:cogvideox-2b, "
         "embedded:cogvideox-1.5, embedded:hunyuan-video)",
     )
-    gen.add_argument("--profile", default="cogvideox-5b", help="built-in profile name or YAML path")
+    gen.add_argument("--profile", default=None,
+                     help="built-in profile name or YAML path (default: the built-in profile for the model, "
+                     "e.g. cogvideox-5b or hunyuan-video)")
     gen.add_argument("--prompt", default=DEFAULT_PROMPT)
     gen.add_argument("--negative-prompt", default=None)
     gen.add_argument("--frames", type=int, default=None, help="video frames (default: the model's demo size)")
@@ -40,7 +49,7 @@ def _build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--steps", type=int, default=None, help="denoising steps")
     gen.add_argument("--guidance-scale", type=float, default=None)
     gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--fps", type=int, default=8)
+    gen.add_argument("--fps", type=int, default=8, help="frames per second of the written video")
     gen.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     gen.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                      help="default: bfloat16 on cuda, float32 on cpu")
@@ -93,11 +102,63 @@ def _call_args(args, family_defaults: dict) -> dict:
         value = getattr(args, arg_name)
         if value is not None:
             if arg_name != "guidance_scale" and value < 1:
-                raise SystemExit(f"error: --{arg_name} must be >= 1, got {value}")
+                raise UsageError(f"--{arg_name.replace('_', '-')} must be >= 1, got {value}")
             call[call_name] = value
     if args.negative_prompt is not None:
         call["negative_prompt"] = args.negative_prompt
     return call
+
+
+def _writable_dir(directory: Path, flag: str) -> None:
+    """Create ``directory`` and write a scratch file in it, so a run cannot fail there after the work."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as error:
+        raise UsageError(f"{flag}: cannot write to {str(directory)!r} ({error.strerror or error})") from None
+
+
+def _check_generate_outputs(args) -> Path:
+    """Check --out, --summary and --fps before any work; returns the summary path."""
+    out = args.out
+    if out.is_dir():
+        raise UsageError(f"--out {str(out)!r} is a directory; name the video file, e.g. {str(out / 'video.mp4')!r}")
+    if out.suffix.lower() not in VIDEO_SUFFIXES:
+        raise UsageError(
+            f"--out {str(out)!r}: expected a video file name ending in {', '.join(VIDEO_SUFFIXES)}, "
+            f"got {repr(out.suffix) if out.suffix else 'no extension'}"
+        )
+    summary = args.summary or out.with_suffix(".json")
+    if summary.is_dir() or summary.resolve() == out.resolve():
+        raise UsageError(f"--summary {str(summary)!r} must be a file name other than --out")
+    if args.fps <= 0:
+        raise UsageError(f"--fps must be >= 1, got {args.fps}")
+    _writable_dir(out.parent, "--out")
+    _writable_dir(summary.parent, "--summary")
+    return summary
+
+
+def _load_pipeline(model: str, dtype_name: str, device: str):
+    """The pipeline for --model; a model that cannot be found or loaded is a usage error."""
+    import torch
+
+    from .embedded import load_pipeline
+
+    try:
+        return load_pipeline(model, dtype=getattr(torch, dtype_name), device=device)
+    except (OSError, ValueError) as error:
+        raise UsageError(f"--model {model!r}: {error}") from None
+
+
+def _check_profiles(pipe, profiles: list) -> list:
+    """Each profile checked against the loaded pipeline (family, layers, heads) before the first step."""
+    from .api import check_profile
+
+    try:
+        return [check_profile(pipe, profile) for profile in profiles]
+    except TypeError as error:  # an unsupported pipeline class
+        raise UsageError(str(error)) from None
 
 
 def _generate(pipe, prompt: str, call_args: dict, seed: int, device: str):
@@ -117,16 +178,23 @@ def _cmd_generate(args) -> int:
     import torch
 
     from .api import accelerate_pipeline
-    from .embedded import call_args_for, load_pipeline
+    from .embedded import call_args_for
     from .metrics import psnr, relative_l2
+    from .pipelines import find_adapter
     from .profile import load_profile
     from .video import write_video
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype_name = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
-    profile = load_profile(args.profile)  # fail on a bad profile before loading a model
-    pipe = load_pipeline(args.model, dtype=getattr(torch, dtype_name), device=device)
+    # Everything that can be checked is checked before the first step: arguments and paths,
+    # the profile on its own, then the profile against the loaded model.
+    summary_path = _check_generate_outputs(args)
     call_args = _call_args(args, call_args_for(args.model))
+    profile = load_profile(args.profile) if args.profile is not None else None
+    pipe = _load_pipeline(args.model, dtype_name, device)
+    if profile is None:
+        profile = find_adapter(pipe).default_profile(pipe.transformer)
+    (profile,) = _check_profiles(pipe, [profile])
 
     report: dict = {
         "model": args.model,
@@ -148,7 +216,6 @@ def _cmd_generate(args) -> int:
         frames, report["sparse_seconds"] = _generate(pipe, args.prompt, call_args, args.seed, device)
         report["attention"] = handle.summary()
 
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     write_video(frames, args.out, fps=args.fps)
     report["video"] = str(args.out)
     lines = [
@@ -170,8 +237,6 @@ def _cmd_generate(args) -> int:
             lines.append("  (CPU wall times on a tiny model say nothing about GPU speed; see benchmarks/)")
     else:
         lines.append(f"  time   : {report['sparse_seconds']:.2f} s")
-    summary_path = args.summary or args.out.with_suffix(".json")
-    summary_path.parent.mkdir(parents=True, exist_ok=True)
     summary_path.write_text(json.dumps(report, indent=2, default=str) + "\n")
     lines.append(f"  wrote {args.out} and {summary_path}")
     print("\n".join(lines))
@@ -192,23 +257,30 @@ def _cmd_eval(args) -> int:
 
     import torch
 
-    from .embedded import call_args_for, load_pipeline
+    from .embedded import call_args_for
     from .evaluate import DEFAULT_PROMPTS, evaluate_profiles, write_report
     from .profile import load_profile
 
     prompts = list(args.prompts or [])
     if args.prompts_file is not None:
-        if not args.prompts_file.is_file():
-            raise SystemExit(f"error: --prompts-file {str(args.prompts_file)!r} does not exist")
-        prompts += [line.strip() for line in args.prompts_file.read_text().splitlines() if line.strip()]
+        try:
+            text = args.prompts_file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as error:
+            raise UsageError(f"--prompts-file {str(args.prompts_file)!r}: cannot read it ({error})") from None
+        from_file = [line.strip() for line in text.splitlines() if line.strip()]
+        if not from_file:
+            raise UsageError(f"--prompts-file {str(args.prompts_file)!r} holds no prompt (one prompt a line)")
+        prompts += from_file
     prompts = prompts or list(DEFAULT_PROMPTS)
-    profiles = [load_profile(profile) for profile in args.profiles]  # fail on a bad profile before loading a model
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype_name = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
     call_args = _call_args(args, call_args_for(args.model))
     out_dir = args.out_dir or Path("benchmarks/results") / ("quality-" + re.sub(r"[^A-Za-z0-9._-]+", "-", args.model))
+    _writable_dir(out_dir, "--out-dir")
+    profiles = [load_profile(profile) for profile in args.profiles]  # fail on a bad profile before loading a model
 
-    pipe = load_pipeline(args.model, dtype=getattr(torch, dtype_name), device=device)
+    pipe = _load_pipeline(args.model, dtype_name, device)
+    profiles = _check_profiles(pipe, profiles)  # and on one for another model before the dense runs
     pipe.set_progress_bar_config(disable=True)
     results = evaluate_profiles(
         pipe, profiles, prompts, args.seeds, call_args, model_name=args.model, warmup=not args.no_warmup, progress=print
@@ -230,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "eval":
             return _cmd_eval(args)
         return _cmd_profiles(args)
-    except ProfileError as error:
+    except (ProfileError, UsageError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 

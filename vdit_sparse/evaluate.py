@@ -42,7 +42,7 @@ from typing import Any, Callable, Sequence, Union
 import numpy as np
 import torch
 
-from .api import accelerate_pipeline
+from .api import accelerate_pipeline, check_profile
 from .metrics import psnr, relative_l2, ssim
 from .pipelines import find_adapter
 from .profile import Profile, ResolvedProfile, load_profile
@@ -126,7 +126,7 @@ def evaluate_profiles(
     ``pipe`` is a diffusers video pipeline or a zero-argument callable that
     builds one.  ``profiles`` are anything :func:`accelerate_pipeline` takes
     (built-in names, YAML paths, dicts, :class:`Profile`); each is loaded and
-    validated before any run.  ``call_args`` are the pipeline keyword arguments
+    checked against the pipeline before any run.  ``call_args`` are the pipeline keyword arguments
     (size, frames, steps, guidance), without ``prompt``, ``generator`` or
     ``output_type``.  ``warmup`` first runs the first prompt and seed once
     dense and once per profile, untimed, so one-time costs (lazy
@@ -149,10 +149,11 @@ def evaluate_profiles(
     reserved = sorted({"prompt", "generator", "output_type"} & set(call_args))
     if reserved:
         raise ValueError(f"evaluate_profiles: call_args must not set {reserved}; the harness sets them per run")
-    resolved = [load_profile(profile) for profile in profiles]  # a bad profile fails before any run
+    resolved = [load_profile(profile) for profile in profiles]  # a bad profile fails before building a pipeline
     labels = _unique_labels(resolved)
     if not hasattr(pipe, "transformer") and callable(pipe):
         pipe = pipe()
+    resolved = [check_profile(pipe, profile) for profile in resolved]  # and one for another model before any run
     say = progress or (lambda line: None)
     if warmup:
         say("warm-up: one untimed run dense and one per profile")

@@ -15,15 +15,20 @@ A profile is YAML (or a :class:`Profile` built in code)::
 
 The schema is an omegaconf structured config, so a typo or a wrong type is
 refused when the profile is loaded, and every error names the field, the value
-seen and what is allowed.  Checks that need the model (layer and head counts)
-run in :meth:`ResolvedProfile.check_model` when the profile is applied.
+seen and what is allowed.  A profile is plain data: omegaconf interpolations
+(``${...}``) are refused rather than evaluated, and so are an empty profile, a
+list where a mapping belongs (and the reverse) and integers beyond 32 bits.
+Checks that need the model (layer and head counts) run in
+:meth:`ResolvedProfile.check_model` when the profile is applied.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import typing
 from dataclasses import dataclass, field
+from fractions import Fraction
 from importlib import resources
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
@@ -90,14 +95,88 @@ def _omegaconf_message(error: OmegaConfBaseException, schema: type) -> str:
     return f"field '{key}': {head}" if key else head
 
 
+#: Largest integer a profile may hold: kernels and index tensors are 32-bit.
+MAX_INT = 2**31 - 1
+
+
+def _describe(value: Any) -> str:
+    shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+    if isinstance(value, dict):
+        return f"a mapping {shown}"
+    if isinstance(value, (list, tuple)):
+        return f"a list {shown}"
+    return f"{type(value).__name__} {shown}"
+
+
+def check_plain_data(value: Any, schema: Any, path: str, where: str) -> None:
+    """Refuse, naming the field, what omegaconf would evaluate or turn into a raw Python error.
+
+    ``value`` is plain YAML data (dicts, lists, scalars) and ``schema`` the
+    type it must fill (a dataclass, ``Dict[K, V]``, ``List[T]``,
+    ``Optional[T]``, a scalar type or ``Any``).  Scalar types themselves are
+    checked later by omegaconf; here: interpolations, mappings vs lists, and
+    integers beyond :data:`MAX_INT`.
+    """
+    field_name = f"field '{path}'" if path else "the profile"
+    if isinstance(value, str) and "${" in value:
+        raise ProfileError(
+            f"{where}: {field_name}: {value!r} is an interpolation; profiles are plain data, "
+            "so write the value itself"
+        )
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_INT:
+        raise ProfileError(f"{where}: {field_name}: {value} is too large; allowed: at most {MAX_INT} in magnitude")
+    if typing.get_origin(schema) is Union:  # Optional[T]
+        if value is None:
+            return
+        schema = next(arg for arg in typing.get_args(schema) if arg is not type(None))
+    origin = typing.get_origin(schema)
+    if dataclasses.is_dataclass(schema):
+        if not isinstance(value, dict):
+            raise ProfileError(f"{where}: {field_name}: expected a mapping of fields, got {_describe(value)}")
+        hints = typing.get_type_hints(schema)
+        for key, item in value.items():
+            if key in hints:  # unknown fields are refused by omegaconf with the list of allowed ones
+                check_plain_data(item, hints[key], f"{path}.{key}" if path else str(key), where)
+    elif origin in (dict, Dict):
+        key_type, item_type = typing.get_args(schema)
+        if not isinstance(value, dict):
+            raise ProfileError(f"{where}: {field_name}: expected a mapping, got {_describe(value)}")
+        for key, item in value.items():
+            check_plain_data(key, key_type, path, where)
+            check_plain_data(item, item_type, f"{path}.{key}", where)
+    elif origin in (list, List):
+        if not isinstance(value, (list, tuple)):
+            raise ProfileError(f"{where}: {field_name}: expected a list, got {_describe(value)}")
+        for index, item in enumerate(value):
+            check_plain_data(item, typing.get_args(schema)[0], f"{path}[{index}]", where)
+    elif schema is Any:
+        for key, item in (value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()):
+            check_plain_data(item, Any, f"{path}.{key}", where)
+    elif isinstance(value, (dict, list, tuple)):
+        raise ProfileError(f"{where}: {field_name}: expected {schema.__name__}, got {_describe(value)}")
+
+
 def _parse(raw: Any, source: str) -> Profile:
-    if not isinstance(raw, (dict, Profile)) and not OmegaConf.is_config(raw):
-        raise ProfileError(f"profile {source}: expected a mapping of fields, got {type(raw).__name__}")
+    where = f"profile {source}"
+    if isinstance(raw, Profile):
+        raw = dataclasses.asdict(raw)
+    if not isinstance(raw, dict):
+        raise ProfileError(f"{where}: expected a mapping of fields, got {type(raw).__name__}")
+    if not raw:
+        raise ProfileError(f"{where} is empty; a profile names at least its `method` (see `vdit-sparse profiles`)")
+    check_plain_data(raw, Profile, "", where)
     try:
         merged = OmegaConf.merge(OmegaConf.structured(Profile), raw)
         return OmegaConf.to_object(merged)
     except OmegaConfBaseException as error:
-        raise ProfileError(f"profile {source}: {_omegaconf_message(error, Profile)}") from None
+        raise ProfileError(f"{where}: {_omegaconf_message(error, Profile)}") from None
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ProfileError(f"profile {str(path)!r} is not a UTF-8 text file (byte {error.start}); expected YAML") from None
 
 
 def load_profile(profile: Union[str, Path, Profile, dict]) -> "ResolvedProfile":
@@ -105,7 +184,7 @@ def load_profile(profile: Union[str, Path, Profile, dict]) -> "ResolvedProfile":
     if isinstance(profile, ResolvedProfile):
         return profile
     if isinstance(profile, Profile):
-        parsed = _parse(OmegaConf.structured(profile), f"'{profile.name}'")
+        parsed = _parse(profile, f"'{profile.name}'")
     elif isinstance(profile, dict):
         parsed = _parse(profile, "(dict)")
     elif isinstance(profile, (str, Path)):
@@ -113,8 +192,8 @@ def load_profile(profile: Union[str, Path, Profile, dict]) -> "ResolvedProfile":
         if path.suffix in (".yaml", ".yml") or path.exists():
             if not path.is_file():
                 raise ProfileError(f"profile file not found: {str(path)!r}")
-            source = str(path)
-            text = path.read_text()
+            source = repr(str(path))
+            text = _read_text(path)
         else:
             names = builtin_profiles()
             if str(profile) not in names:
@@ -125,10 +204,10 @@ def load_profile(profile: Union[str, Path, Profile, dict]) -> "ResolvedProfile":
             source = f"'{profile}'"
             text = resources.files("vdit_sparse.profiles").joinpath(f"{profile}.yaml").read_text()
         try:
-            raw = OmegaConf.create(text)
+            raw = OmegaConf.to_container(OmegaConf.create(text), resolve=False)  # interpolations stay text
         except Exception as error:  # yaml errors come in several types
             raise ProfileError(f"profile {source}: not valid YAML ({error})") from None
-        parsed = _parse(raw if OmegaConf.is_dict(raw) else OmegaConf.to_container(raw), source)
+        parsed = _parse(raw, source)
     else:
         raise ProfileError(
             f"profile must be a built-in name, a YAML path, a dict or a Profile, got {type(profile).__name__}"
@@ -218,7 +297,8 @@ class ResolvedProfile:
         if self.profile.dense_warmup_steps is not None:
             return self.profile.dense_warmup_steps
         if self.profile.dense_warmup_fraction is not None:
-            return math.ceil(self.profile.dense_warmup_fraction * num_steps)
+            # As the decimal the user wrote: 0.28 of 25 steps is 7, not ceil(7.000000000000001) = 8.
+            return math.ceil(Fraction(repr(self.profile.dense_warmup_fraction)) * num_steps)
         return 0
 
     def layer_plan(self, layer_index: int) -> tuple[type, Any]:
@@ -235,6 +315,7 @@ class ResolvedProfile:
 
 def params_from_dict(params_cls: type, values: dict, *, field_name: str, where: str) -> Any:
     """Build a method's Params dataclass from a dict, refusing unknown fields and wrong types."""
+    check_plain_data(values, params_cls, "", f"{where}: {field_name}")
     try:
         merged = OmegaConf.merge(OmegaConf.structured(params_cls), values)
         result = OmegaConf.to_object(merged)

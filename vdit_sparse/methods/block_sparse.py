@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from ..context import AttentionCall
 from ..geometry import TokenLayout
+from ..kernels.block_sizes import SUPPORTED_BLOCK_SIZES, default_block_sizes
 from ..patterns import frame_band_block_mask
 from .base import AttentionMethod, register_method
 
@@ -34,7 +35,6 @@ __all__ = [
 
 #: ``auto`` takes the Triton kernel on CUDA and the reference path elsewhere.
 BACKENDS = ("auto", "reference", "triton")
-BLOCK_SIZES = (16, 32, 64, 128)
 
 
 def masked_block_attention(
@@ -66,13 +66,13 @@ def masked_block_attention(
 @dataclass
 class BlockSparseParams:
     #: Tokens per query and key block; None picks the kernel's preferred sizes
-    #: for the head dim on the Triton backend and 64 on the reference path.
+    #: for the head dim, on every backend, so both compute the same mask.
     block_size: Optional[int] = None
     backend: str = "auto"
 
     def validate(self) -> str | None:
-        if self.block_size is not None and self.block_size not in BLOCK_SIZES:
-            return f"field 'block_size' must be one of {BLOCK_SIZES} or null, got {self.block_size}"
+        if self.block_size is not None and self.block_size not in SUPPORTED_BLOCK_SIZES:
+            return f"field 'block_size' must be one of {SUPPORTED_BLOCK_SIZES} or null, got {self.block_size}"
         if self.backend not in BACKENDS:
             return f"field 'backend' must be one of {BACKENDS}, got {self.backend!r}"
         return None
@@ -85,15 +85,11 @@ def resolve_backend(backend: str, q: torch.Tensor) -> str:
     return backend
 
 
-def block_sizes_for(params: BlockSparseParams, backend: str, head_dim: int) -> tuple[int, int]:
-    """(block_m, block_n) for one call: the profile's choice, else the backend's default."""
+def block_sizes_for(params: BlockSparseParams, head_dim: int) -> tuple[int, int]:
+    """(block_m, block_n) for one call: the profile's choice, else the kernels' default for the head dim."""
     if params.block_size is not None:
         return params.block_size, params.block_size
-    if backend == "triton":
-        from ..kernels.block_sparse_attention import default_block_sizes
-
-        return default_block_sizes(head_dim)
-    return 64, 64
+    return default_block_sizes(head_dim)
 
 
 @dataclass(eq=False)
@@ -177,7 +173,7 @@ class BlockSparseMethod(AttentionMethod):
 
     def attend(self, q, k, v, call):
         backend = resolve_backend(self.params.backend, q)
-        block_m, block_n = block_sizes_for(self.params, backend, q.shape[-1])
+        block_m, block_n = block_sizes_for(self.params, q.shape[-1])
         plan = self.block_plan(q, k, call, block_m, block_n)
         batch, heads, seq_len, _ = q.shape
         call.stats.record(self.name, plan.density, batch * heads, seq_len)

@@ -219,7 +219,7 @@ class SVGMethod(BlockSparseMethod):
 
     def attend(self, q, k, v, call):
         backend = resolve_backend(self.params.backend, q)
-        block_m, block_n = block_sizes_for(self.params, backend, q.shape[-1])
+        block_m, block_n = block_sizes_for(self.params, q.shape[-1])
         plan = self.layout_plan(call.layout, block_m, block_n, q.device)
         temporal = self.head_kinds(q, k, v, call, plan)
         batch, heads, seq_len, _ = q.shape
