@@ -15,7 +15,7 @@ from vdit_sparse.geometry import LatentGrid, TokenLayout
 
 from .base import PipelineAdapter, RoutingProcessor
 
-__all__ = ["CogVideoXAdapter"]
+__all__ = ["CogVideoXAdapter", "attention_inputs"]
 
 
 class CogVideoXAdapter(PipelineAdapter):
@@ -57,6 +57,37 @@ class CogVideoXAdapter(PipelineAdapter):
         return pipe.decode_latents(latents[:, padding:])
 
 
+def attention_inputs(
+    attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor, image_rotary_emb=None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v ``(B, H, S, D)`` of a CogVideoX ``attn1`` over ``[text | video]``, as its own processor computes them.
+
+    The one CogVideoX q/k/v path of the package: the routing processor below
+    and the reference-model diagnostics (scripts/) both use it.  Honours QKV
+    fusion (``pipe.fuse_qkv_projections()``), the per-head norms and RoPE on
+    the video part (5B and 1.5; 2B has no rotary embedding).
+    """
+    batch, text_length = hidden_states.shape[0], encoder_hidden_states.size(1)
+    hidden_states = torch.cat([encoder_hidden_states, hidden_states], dim=1)
+    if getattr(attn, "fused_projections", False):
+        query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
+    else:
+        query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+    head_dim = key.shape[-1] // attn.heads
+    query, key, value = (x.view(batch, -1, attn.heads, head_dim).transpose(1, 2) for x in (query, key, value))
+    if attn.norm_q is not None:
+        query = attn.norm_q(query)
+    if attn.norm_k is not None:
+        key = attn.norm_k(key)
+    if image_rotary_emb is not None:
+        from diffusers.models.embeddings import apply_rotary_emb
+
+        query[:, :, text_length:] = apply_rotary_emb(query[:, :, text_length:], image_rotary_emb)
+        if not attn.is_cross_attention:
+            key[:, :, text_length:] = apply_rotary_emb(key[:, :, text_length:], image_rotary_emb)
+    return query, key, value
+
+
 class CogVideoXSparseProcessor(RoutingProcessor):
     """Routes one CogVideoX attention layer: the original processor when dense, else q, k, v to the dispatcher."""
 
@@ -76,28 +107,9 @@ class CogVideoXSparseProcessor(RoutingProcessor):
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
 
         text_length = encoder_hidden_states.size(1)
-        hidden_states = torch.cat([encoder_hidden_states, hidden_states], dim=1)
-        if getattr(attn, "fused_projections", False):  # pipe.fuse_qkv_projections() before applying
-            query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
-        else:
-            query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
-        head_dim = key.shape[-1] // attn.heads
-        query = query.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
-        key = key.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
-        value = value.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
-        if image_rotary_emb is not None:
-            from diffusers.models.embeddings import apply_rotary_emb
-
-            query[:, :, text_length:] = apply_rotary_emb(query[:, :, text_length:], image_rotary_emb)
-            if not attn.is_cross_attention:
-                key[:, :, text_length:] = apply_rotary_emb(key[:, :, text_length:], image_rotary_emb)
-
+        query, key, value = attention_inputs(attn, hidden_states, encoder_hidden_states, image_rotary_emb)
         out = self.dispatcher.attend(query, key, value, call)
-        out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim)
+        out = out.transpose(1, 2).reshape(batch, -1, out.shape[1] * out.shape[-1])
         out = attn.to_out[1](attn.to_out[0](out))
         encoder_out, video_out = out.split([text_length, out.size(1) - text_length], dim=1)
         return video_out, encoder_out

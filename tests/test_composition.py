@@ -169,16 +169,20 @@ def test_qkv_fusion_before_apply_runs_sparse_on_the_fused_projection():
     assert torch.equal(run_pipeline(pipe), fused_dense)
 
 
-def test_attention_backend_set_after_apply_reaches_the_model_processors():
+@pytest.mark.parametrize("order", ["backend-first", "apply-first"])
+def test_attention_backend_reaches_the_model_processors(order):
     from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
 
     pipe = fresh_pipe("hunyuan-video")
-    processors = dict(pipe.transformer.attn_processors)
     previous = _AttentionBackendRegistry._active_backend
+    if order == "backend-first":
+        pipe.transformer.set_attention_backend("native")
+    processors = dict(pipe.transformer.attn_processors)
     handle = accelerate_pipeline(pipe, {**PROFILE, "dense_layers": [0]})
     originals = [original for _, _, original in handle._installed]  # the model's own self-attention processors
     try:
-        pipe.transformer.set_attention_backend("native")
+        if order == "apply-first":
+            pipe.transformer.set_attention_backend("native")
         run_pipeline(pipe)
         assert handle.stats.calls["sliding_frames"] == STEPS * (handle.num_layers - 1)
         assert all(p._attention_backend == AttentionBackendName.NATIVE for p in originals)
@@ -210,13 +214,18 @@ CACHES = [("cogvideox", "first-block"), ("cogvideox", "pyramid-attention-broadca
           ("hunyuan-video", "first-block"), ("hunyuan-video", "pyramid-attention-broadcast")]
 
 
+@pytest.mark.parametrize("order", ["cache-first", "apply-first"])
 @pytest.mark.parametrize("family, cache", CACHES, ids=lambda x: x)
-def test_diffusers_cache_hooks_compose_with_sparse_attention(family, cache):
+def test_diffusers_cache_hooks_compose_with_sparse_attention(family, cache, order):
     dense, sparse = reference_outputs(family)
     pipe = fresh_pipe(family)
     pipe.transformer.enable_cache(cache_config(cache, pipe))
     cache_only = run_pipeline(pipe)
+    if order == "apply-first":
+        pipe.transformer.disable_cache()
     handle = accelerate_pipeline(pipe, PROFILE)
+    if order == "apply-first":
+        pipe.transformer.enable_cache(cache_config(cache, pipe))
     both = run_pipeline(pipe)
     sparse_calls = handle.stats.calls["sliding_frames"]
     # The cache skips some blocks or attention calls; every attention call that still runs is sparse.

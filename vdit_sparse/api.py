@@ -126,6 +126,22 @@ class _RunEndHook(ModelHook):
         return module
 
 
+def _remove_registry_hook(registry: HookRegistry, name: str) -> None:
+    """``registry.remove_hook(name)``, keeping the hooks registered after it working.
+
+    diffusers' ``remove_hook`` relinks the next hook's ``forward`` to what the
+    removed hook wrapped; for a hook with a ``new_forward`` of its own (Pyramid
+    Attention Broadcast, FasterCache) that overwrites the new forward instead
+    of what it wraps.  So the next hook's ``original_forward`` is relinked here.
+    """
+    index = registry._hook_order.index(name)
+    later = registry._fn_refs[index + 1] if index + 1 < len(registry._fn_refs) else None
+    kept = later.forward if later is not None and later.original_forward is not None else None
+    registry.remove_hook(name, recurse=False)
+    if kept is not None:
+        later.original_forward, later.forward = later.forward, kept
+
+
 class AccelerationHandle:
     """What :func:`accelerate_pipeline` returns: the live state, the statistics, and ``remove()``.
 
@@ -194,7 +210,7 @@ class AccelerationHandle:
                 module.set_processor(original)
         self._forward_hook.remove()
         first = self._modules[0]
-        first._diffusers_hook.remove_hook(_RUN_END_HOOK, recurse=False)
+        _remove_registry_hook(first._diffusers_hook, _RUN_END_HOOK)
         if self._registry_created and not first._diffusers_hook.hooks:
             del first._diffusers_hook
         delattr(self.transformer, _HANDLE_ATTR)
