@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["block_mask_to_indices", "block_density"]
+__all__ = ["block_mask_to_indices", "block_density", "permutation_table"]
 
 
 def block_mask_to_indices(block_mask: torch.Tensor, max_kv_blocks: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -49,3 +49,21 @@ def block_density(block_mask_or_counts: torch.Tensor, num_kv_blocks: int | None 
     if num_kv_blocks is None or num_kv_blocks < 1:
         raise ValueError(f"num_kv_blocks (>= 1) is required with kv_block_counts, got {num_kv_blocks!r}")
     return float(t.double().sum().item()) / (t.numel() * num_kv_blocks) if t.numel() else 0.0
+
+
+def permutation_table(perm: torch.Tensor, heads: torch.Tensor | None, num_heads: int, seq_len: int) -> torch.Tensor:
+    """int32 ``(1 or B, H, S)``: the order each (batch, head) applies (identity where ``heads`` is False).
+
+    ``perm`` is ``(S,)`` or ``(H, S)``; ``heads`` an optional bool ``(H,)`` or
+    ``(B, H)``.  The table is what :func:`~vdit_sparse.kernels.permute.gather_rows`
+    gathers by, and the ``query_rows`` argument of
+    :func:`~vdit_sparse.kernels.block_sparse_attention.block_sparse_attention`,
+    which fuses the permutation of q and the inverse permutation of the output
+    into the attention kernel.
+    """
+    perm = perm.expand(num_heads, seq_len)
+    if heads is not None:
+        selected = heads if heads.dim() == 2 else heads[None]
+        identity = torch.arange(seq_len, device=perm.device, dtype=perm.dtype)
+        perm = torch.where(selected[..., None], perm, identity)
+    return perm.reshape(-1, num_heads, seq_len).to(torch.int32).contiguous()

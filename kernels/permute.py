@@ -25,8 +25,9 @@ from vdit_sparse.geometry import TokenLayout
 from vdit_sparse.patterns import frame_to_position_permutation
 
 from ._triton_runtime import kernel_for
+from .indices import permutation_table
 
-__all__ = ["permute_tokens", "permutation_table", "frame_to_position", "position_to_frame"]
+__all__ = ["gather_rows", "permute_tokens", "permutation_table", "frame_to_position", "position_to_frame"]
 
 
 @triton.jit
@@ -59,20 +60,41 @@ def _permute_rows(
     tl.store(p_o, tl.load(p_x, mask=row_ok[:, None], other=0.0), mask=row_ok[:, None])
 
 
-def permutation_table(perm: torch.Tensor, heads: torch.Tensor | None, num_heads: int, seq_len: int) -> torch.Tensor:
-    """int32 ``(1 or B, H, S)``: the order each (batch, head) applies (identity where ``heads`` is False).
+def gather_rows(x: torch.Tensor, rows: torch.Tensor, *, scatter: bool = False) -> torch.Tensor:
+    """``out[b, h, i] = x[b, h, rows[b, h, i]]`` (``scatter=True``: ``out[b, h, rows[b, h, i]] = x[b, h, i]``).
 
-    It is also the ``query_rows`` argument of
-    :func:`~vdit_sparse.kernels.block_sparse_attention.block_sparse_attention`,
-    which fuses the permutation of q and the inverse permutation of the output
-    into the attention kernel.
+    ``x`` ``(B, H, S, D)`` with a contiguous ``D``; ``rows`` int32 ``(1 or B,
+    H, S)`` with a contiguous ``S``, each ``[b, h]`` a permutation of
+    ``range(S)`` (not checked: that costs a sync).  One launch for every head;
+    returns a new contiguous tensor.
     """
-    perm = perm.expand(num_heads, seq_len)
-    if heads is not None:
-        selected = heads if heads.dim() == 2 else heads[None]
-        identity = torch.arange(seq_len, device=perm.device, dtype=perm.dtype)
-        perm = torch.where(selected[..., None], perm, identity)
-    return perm.reshape(-1, num_heads, seq_len).to(torch.int32).contiguous()
+    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        raise ValueError(f"x must be a 4-D tensor (B, H, S, D), got {tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+    batch, num_heads, seq_len, head_dim = x.shape
+    if head_dim & (head_dim - 1) or head_dim > 256:
+        raise ValueError(f"head dim (x.shape[-1]) must be a power of two <= 256, got {head_dim}")
+    if (
+        not isinstance(rows, torch.Tensor)
+        or rows.dtype != torch.int32
+        or rows.dim() != 3
+        or rows.shape[0] not in (1, batch)
+        or tuple(rows.shape[1:]) != (num_heads, seq_len)
+        or rows.device != x.device
+    ):
+        got = (rows.dtype, tuple(rows.shape), str(rows.device)) if isinstance(rows, torch.Tensor) else type(rows).__name__
+        raise ValueError(f"rows must be an int32 tensor (1 or B, H, S) = (1 or {batch}, {num_heads}, {seq_len}) on {x.device}, got {got}")
+    if rows.stride(2) != 1:
+        rows = rows.contiguous()
+    out = torch.empty((batch, num_heads, seq_len, head_dim), dtype=x.dtype, device=x.device)
+    block_s = 64
+    grid = (triton.cdiv(seq_len, block_s), batch * num_heads)
+    kernel = kernel_for(_permute_rows, x.device)
+    kernel[grid](
+        x, out, rows, *x.stride(), *out.stride()[:3],
+        rows.stride(0) if rows.shape[0] > 1 else 0, rows.stride(1), num_heads, seq_len,
+        HEAD_DIM=head_dim, BLOCK_S=block_s, SCATTER=scatter,
+    )
+    return out
 
 
 def permute_tokens(x: torch.Tensor, perm: torch.Tensor, inverse: bool = False, *, heads: torch.Tensor | None = None) -> torch.Tensor:
@@ -88,8 +110,6 @@ def permute_tokens(x: torch.Tensor, perm: torch.Tensor, inverse: bool = False, *
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
         raise ValueError(f"x must be a 4-D tensor (B, H, S, D), got {tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
     batch, num_heads, seq_len, head_dim = x.shape
-    if head_dim & (head_dim - 1) or head_dim > 256:
-        raise ValueError(f"head dim (x.shape[-1]) must be a power of two <= 256, got {head_dim}")
     if not isinstance(perm, torch.Tensor) or perm.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"perm must be an int32/int64 tensor, got {perm.dtype if isinstance(perm, torch.Tensor) else type(perm).__name__}")
     if tuple(perm.shape) not in ((seq_len,), (num_heads, seq_len)):
@@ -103,17 +123,7 @@ def permute_tokens(x: torch.Tensor, perm: torch.Tensor, inverse: bool = False, *
             f"heads must be a bool tensor of shape (H,) = ({num_heads},) or (B, H) = ({batch}, {num_heads}) "
             f"on {x.device}, got {heads.dtype} {tuple(heads.shape)} on {heads.device}"
         )
-    table = permutation_table(perm, heads, num_heads, seq_len)
-    out = torch.empty((batch, num_heads, seq_len, head_dim), dtype=x.dtype, device=x.device)
-    block_s = 64
-    grid = (triton.cdiv(seq_len, block_s), batch * num_heads)
-    kernel = kernel_for(_permute_rows, x.device)
-    kernel[grid](
-        x, out, table, *x.stride(), *out.stride()[:3],
-        table.stride(0) if table.shape[0] > 1 else 0, table.stride(1), num_heads, seq_len,
-        HEAD_DIM=head_dim, BLOCK_S=block_s, SCATTER=inverse,
-    )
-    return out
+    return gather_rows(x, permutation_table(perm, heads, num_heads, seq_len), scatter=inverse)
 
 
 def frame_to_position(x: torch.Tensor, layout: TokenLayout, *, heads: torch.Tensor | None = None) -> torch.Tensor:

@@ -14,6 +14,7 @@ __all__ = [
     "expand_block_mask",
     "indices_to_block_mask",
     "block_sparse_attention_reference",
+    "gather_rows_reference",
     "permute_tokens_reference",
 ]
 
@@ -50,15 +51,14 @@ def block_sparse_attention_reference(
     """
     batch, heads, seq_len, head_dim = q.shape
     if query_rows is not None:
-        rows = query_rows.long().expand(batch, heads, seq_len)
-        gathered = torch.gather(q, 2, rows[..., None].expand(batch, heads, seq_len, head_dim))
         result = block_sparse_attention_reference(
-            gathered, k, v, kv_block_indices, kv_block_counts, block_m=block_m, block_n=block_n, scale=scale,
-            key_padding_mask=key_padding_mask, return_lse=return_lse, upcast=upcast,
+            gather_rows_reference(q, query_rows), k, v, kv_block_indices, kv_block_counts, block_m=block_m,
+            block_n=block_n, scale=scale, key_padding_mask=key_padding_mask, return_lse=return_lse, upcast=upcast,
         )
         out, lse = result if return_lse else (result, None)
-        out = torch.empty_like(out).scatter_(2, rows[..., None].expand_as(out), out)
+        out = gather_rows_reference(out, query_rows, scatter=True)
         if return_lse:
+            rows = query_rows.long().expand(batch, heads, seq_len)
             return out, torch.empty_like(lse).scatter_(2, rows, lse)
         return out
     if scale is None:
@@ -82,18 +82,20 @@ def block_sparse_attention_reference(
     return out
 
 
+def gather_rows_reference(x: torch.Tensor, rows: torch.Tensor, scatter: bool = False) -> torch.Tensor:
+    """``out[b, h, i] = x[b, h, rows[b, h, i]]`` (``scatter``: ``out[b, h, rows[b, h, i]] = x[b, h, i]``)."""
+    index = rows.long().expand(x.shape[:3])[..., None].expand(x.shape)
+    if scatter:
+        return torch.empty_like(x).scatter_(2, index, x)
+    return torch.gather(x, 2, index)
+
+
 def permute_tokens_reference(x: torch.Tensor, perm: torch.Tensor, inverse: bool = False, heads: torch.Tensor | None = None) -> torch.Tensor:
     """``out[b, h, t] = x[b, h, perm[t]]`` (``inverse``: ``out[b, h, perm[t]] = x[b, h, t]``).
 
     ``perm`` is ``(S,)`` or per-head ``(H, S)``; ``heads`` (bool ``(H,)`` or
     ``(B, H)``) limits the permutation to the marked heads, the others are copied.
     """
-    batch, num_heads, seq_len, head_dim = x.shape
-    perm = perm.long().expand(num_heads, seq_len)
-    if heads is not None:
-        selected = heads if heads.dim() == 2 else heads[None]
-        perm = torch.where(selected[..., None], perm, torch.arange(seq_len, device=x.device))
-    if inverse:
-        perm = torch.argsort(perm, dim=-1)
-    index = perm.expand(batch, num_heads, seq_len)[..., None].expand(batch, num_heads, seq_len, head_dim)
-    return torch.gather(x, 2, index)
+    from .indices import permutation_table
+
+    return gather_rows_reference(x, permutation_table(perm, heads, x.shape[1], x.shape[2]), scatter=inverse)

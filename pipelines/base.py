@@ -1,9 +1,9 @@
 """What an adapter tells the toolkit about one model family, and nothing about methods.
 
 An adapter knows: which attention modules of the transformer to take over
-(in layer order), where the text sits in the attention sequence, how to read
-the latent grid and the timestep from the transformer's inputs, and how the
-family's own processor computes q, k and v.  It never decides what attention
+(in layer order), where each block's feed-forward is, where the text sits in
+the attention sequence, how to read the latent grid and the timestep from the
+transformer's inputs, and how the family's own processor computes q, k and v.  It never decides what attention
 to run: its processor asks the dispatcher, and when the answer is "dense" it
 hands the call to the model's original processor unchanged.
 """
@@ -11,23 +11,26 @@ hands the call to the model's original processor unchanged.
 from __future__ import annotations
 
 import inspect
-from typing import Any, ClassVar, Protocol
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar, Protocol
 
 import torch
 
 from vdit_sparse.context import AttentionCall
 from vdit_sparse.geometry import TokenLayout
 
-__all__ = ["PipelineAdapter", "Dispatcher", "RoutingProcessor", "bind_forward_inputs"]
+__all__ = [
+    "PipelineAdapter", "Dispatcher", "FeedForwardSite", "RoutingProcessor", "bind_forward_inputs", "gelu_feed_forward_site",
+]
 
 
 class Dispatcher(Protocol):
     """The side of the toolkit a processor talks to (implemented in vdit_sparse.api)."""
 
-    def sparse_call(
-        self, layer_index: int, batch: int, heads: int, key_padding_mask: torch.Tensor | None
+    def route(
+        self, layer_index: int, batch: int, heads: int, key_padding_mask: torch.Tensor | None, head_offset: int = 0
     ) -> AttentionCall | None:
-        """The call description when this layer runs sparse now, None when it runs dense."""
+        """The call to hand to :meth:`attend`, or None when the model's own processor should run it."""
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttentionCall) -> torch.Tensor:
         """q, k, v ``(B, H, S, D)`` -> ``(B, H, S, D)``."""
@@ -42,9 +45,9 @@ def bind_forward_inputs(forward, args: tuple, kwargs: dict) -> dict[str, Any]:
 class RoutingProcessor:
     """Base of the adapters' processors: one per attention layer, holding the model's own processor.
 
-    A subclass's ``__call__`` asks ``dispatcher.sparse_call`` first and hands
-    the whole call to ``original`` when the answer is dense, so dense calls
-    run exactly the code they ran before.
+    A subclass's ``__call__`` asks ``dispatcher.route`` first and hands the
+    whole call to ``original`` when the answer is None, so dense calls run
+    exactly the code they ran before.
     """
 
     #: Attributes diffusers sets on a model's processors that belong to the processor we hold:
@@ -68,6 +71,36 @@ class RoutingProcessor:
             object.__setattr__(self, name, value)
 
 
+@dataclass(frozen=True)
+class FeedForwardSite:
+    """One feed-forward of a transformer block: ``down(activation(up(x)))``.
+
+    ``layer_index`` is the block's position in the adapter's layer order (the
+    index of its attention layer).  ``stream`` is ``"joint"`` for a block over
+    one sequence of text and video (CogVideoX, HunyuanVideo single-stream),
+    ``"video"`` or ``"text"`` for HunyuanVideo's dual-stream ``ff`` and
+    ``ff_context``.  ``module`` is the module whose forward is exactly this
+    feed-forward, or None where the block inlines it (HunyuanVideo
+    single-stream: ``proj_mlp``, ``act_mlp``, then one ``proj_out`` over the
+    joined attention and MLP features); ``down_columns`` are then the input
+    features of ``down`` the MLP feeds (None: all of them).
+    """
+
+    layer_index: int
+    stream: str
+    up: torch.nn.Linear
+    activation: Callable[[torch.Tensor], torch.Tensor]
+    down: torch.nn.Linear
+    module: torch.nn.Module | None = None
+    down_columns: slice | None = None
+
+
+def gelu_feed_forward_site(layer_index: int, stream: str, feed_forward: torch.nn.Module) -> FeedForwardSite:
+    """The site of a diffusers ``FeedForward`` with a GELU (``net = [GELU(proj), Dropout, Linear, ...]``)."""
+    act = feed_forward.net[0]
+    return FeedForwardSite(layer_index, stream, act.proj, act.gelu, feed_forward.net[2], module=feed_forward)
+
+
 class PipelineAdapter:
     """Base of the per-family adapters; subclasses fill in the class attributes and methods."""
 
@@ -77,6 +110,10 @@ class PipelineAdapter:
 
     def attention_modules(self, transformer: torch.nn.Module) -> list[torch.nn.Module]:
         """The self-attention modules to take over, in layer order (list index = layer index)."""
+        raise NotImplementedError
+
+    def feed_forward_sites(self, transformer: torch.nn.Module) -> list[FeedForwardSite]:
+        """Every block's feed-forward, in layer order (a block may have two: video and text)."""
         raise NotImplementedError
 
     def num_heads(self, transformer: torch.nn.Module) -> int:

@@ -13,7 +13,7 @@ import torch
 
 from vdit_sparse.geometry import LatentGrid, TokenLayout
 
-from .base import PipelineAdapter, RoutingProcessor
+from .base import PipelineAdapter, RoutingProcessor, gelu_feed_forward_site
 
 __all__ = ["CogVideoXAdapter", "attention_inputs"]
 
@@ -29,6 +29,9 @@ class CogVideoXAdapter(PipelineAdapter):
 
     def attention_modules(self, transformer):
         return [block.attn1 for block in transformer.transformer_blocks]
+
+    def feed_forward_sites(self, transformer):
+        return [gelu_feed_forward_site(i, "joint", block.ff) for i, block in enumerate(transformer.transformer_blocks)]
 
     def token_layout(self, transformer, inputs):
         # hidden_states: (B, F, C, H, W) latents; patches of p x p pixels and, on 1.5, p_t frames.
@@ -102,7 +105,7 @@ class CogVideoXSparseProcessor(RoutingProcessor):
         batch = hidden_states.shape[0]
         call = None
         if attention_mask is None:  # CogVideoX never passes one; if someone does, stay exact and dense
-            call = self.dispatcher.sparse_call(self.layer_index, batch, attn.heads, None)
+            call = self.dispatcher.route(self.layer_index, batch, attn.heads, None)
         if call is None:
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
 

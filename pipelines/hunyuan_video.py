@@ -15,7 +15,7 @@ import torch
 
 from vdit_sparse.geometry import LatentGrid, TokenLayout
 
-from .base import PipelineAdapter, RoutingProcessor
+from .base import FeedForwardSite, PipelineAdapter, RoutingProcessor, gelu_feed_forward_site
 
 __all__ = ["HunyuanVideoAdapter"]
 
@@ -29,6 +29,18 @@ class HunyuanVideoAdapter(PipelineAdapter):
         dual = [block.attn for block in transformer.transformer_blocks]
         single = [block.attn for block in transformer.single_transformer_blocks]
         return dual + single
+
+    def feed_forward_sites(self, transformer):
+        sites = []
+        for i, block in enumerate(transformer.transformer_blocks):
+            sites += [gelu_feed_forward_site(i, "video", block.ff), gelu_feed_forward_site(i, "text", block.ff_context)]
+        first_single = len(transformer.transformer_blocks)
+        for i, block in enumerate(transformer.single_transformer_blocks, start=first_single):
+            # proj_out maps [attention | mlp] features; the MLP's are the last mlp_dim columns.
+            mlp_dim = block.proj_mlp.out_features
+            columns = slice(block.proj_out.in_features - mlp_dim, block.proj_out.in_features)
+            sites.append(FeedForwardSite(i, "joint", block.proj_mlp, block.act_mlp, block.proj_out, None, columns))
+        return sites
 
     def token_layout(self, transformer, inputs):
         # hidden_states: (B, C, F, H, W) latents.
@@ -78,7 +90,7 @@ class HunyuanVideoSparseProcessor(RoutingProcessor):
         if encoder_hidden_states is not None:
             seq_len = hidden_states.shape[1] + encoder_hidden_states.shape[1]
             padding = _key_padding_mask(attention_mask, seq_len)
-            call = self.dispatcher.sparse_call(self.layer_index, hidden_states.shape[0], attn.heads, padding)
+            call = self.dispatcher.route(self.layer_index, hidden_states.shape[0], attn.heads, padding)
         if call is None:
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
 

@@ -33,11 +33,8 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.util
 import json
 import math
-import os
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -45,24 +42,6 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _import_kernels():
-    """Import vdit_sparse.kernels, also from a plain checkout (not pip-installed, no diffusers needed)."""
-    sys.path.insert(0, str(ROOT))
-    try:
-        import vdit_sparse.kernels  # noqa: F401
-    except ImportError:
-        spec = importlib.util.spec_from_file_location(
-            "vdit_sparse.kernels", ROOT / "kernels" / "__init__.py", submodule_search_locations=[str(ROOT / "kernels")]
-        )
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["vdit_sparse.kernels"] = module
-        spec.loader.exec_module(module)
-    from vdit_sparse.kernels import block_sparse_attention as bsa
-    from vdit_sparse.kernels import indices
-
-    return bsa, indices
 
 
 SHAPES = {
@@ -314,7 +293,9 @@ def main():
 
     import triton
 
-    bsa, indices = _import_kernels()
+    from vdit_sparse.kernels import block_sparse_attention as bsa
+    from vdit_sparse.kernels import indices
+
     torch.backends.cuda.matmul.allow_tf32 = False  # the reference is true float32
     record = dict(
         gpu=torch.cuda.get_device_name(),

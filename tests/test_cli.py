@@ -144,3 +144,29 @@ def test_profiles_lists_builtins(capsys):
     assert main(["profiles"]) == 0
     listed = capsys.readouterr().out
     assert "sliding-frames" in listed and "dense" in listed
+
+
+def test_inspect_prints_and_draws_the_method_of_every_head(tmp_path, capsys):
+    profile = tmp_path / "mixed.yaml"
+    profile.write_text(
+        "name: mixed\nmethod: svg\ndense_layers: [0]\n"
+        "layers:\n  1:\n    heads:\n      0-1: {method: dense}\n      3: {method: skip}\n"
+    )
+    png = tmp_path / "map.png"
+    assert main(["inspect", str(profile), "--layers", "3", "--heads", "4", "--png", str(png)]) == 0
+    printed = capsys.readouterr().out
+    assert "layer 0  DDDD" in printed and "layer 1  DDS-" in printed and "layer 2  SSSS" in printed
+    assert "D dense" in printed and "- skip" in printed and "S svg" in printed
+    from PIL import Image
+
+    assert Image.open(png).size[0] > 0
+
+
+def test_inspect_reads_the_counts_from_a_model(capsys):
+    assert main(["inspect", "hunyuan-video", "--model", "embedded:hunyuan-video"]) == 0
+    assert "4 layers x 4 heads" in capsys.readouterr().out
+
+
+def test_inspect_without_counts_is_one_line(capsys):
+    assert main(["inspect", "cogvideox-5b"]) == 2
+    assert "pass --model, or --layers and --heads" in one_line_error(capsys)

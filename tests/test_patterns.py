@@ -6,8 +6,14 @@ import pytest
 import torch
 
 from vdit_sparse.geometry import LatentGrid, TokenLayout
-from vdit_sparse.methods import masked_block_attention
 from vdit_sparse.patterns import dense_block_mask, frame_band_block_mask
+from vdit_sparse.plan import HeadPlan, run_plan
+
+
+def masked_block_attention(q, k, v, block_mask, block_m, block_n, key_padding_mask=None):
+    """The reference executor on a block mask."""
+    plan = HeadPlan.from_block_mask(block_mask, block_m, block_n).for_heads(q.shape[1])
+    return run_plan(q, k, v, plan, key_padding_mask, backend="reference")
 
 
 def _lift_token_mask(token_mask: torch.Tensor, block_m: int, block_n: int) -> torch.Tensor:

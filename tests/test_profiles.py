@@ -33,10 +33,10 @@ def test_yaml_path_and_profile_object_agree(tmp_path):
     )
     for resolved in (from_yaml, from_object):
         assert resolved.dense_warmup_steps(50) == 3
-        assert resolved.layer_plan(0)[0].name == "dense"
-        assert resolved.layer_plan(2)[0].name == "dense"
-        method, params = resolved.layer_plan(1)
-        assert method.name == "sliding_frames" and params.window_frames == 2
+        assert [g.method.name for g in resolved.layer_groups(0, 4)] == ["dense"]
+        assert [g.method.name for g in resolved.layer_groups(2, 4)] == ["dense"]
+        (group,) = resolved.layer_groups(1, 4)
+        assert group.method.name == "sliding_frames" and group.params.window_frames == 2 and group.heads == (0, 1, 2, 3)
 
 
 def test_layer_params_refine_profile_params():
@@ -44,8 +44,42 @@ def test_layer_params_refine_profile_params():
         {"method": "sliding_frames", "params": {"window_frames": 2, "block_size": 32},
          "layers": {1: {"params": {"window_frames": 0}}}}
     )
-    _, params = resolved.layer_plan(1)
-    assert (params.window_frames, params.block_size) == (0, 32)
+    (group,) = resolved.layer_groups(1, 2)
+    assert (group.params.window_frames, group.params.block_size) == (0, 32)
+
+
+def test_heads_of_a_layer_take_their_own_methods():
+    resolved = load_profile({
+        "method": "svg", "params": {"density": 0.2, "block_size": 32},
+        "layers": {1: {"heads": {"0-1": {"method": "dense"}, 3: {"method": "skip"}, "2": {"params": {"density": 0.5}}}}},
+    })
+    groups = {g.heads: (g.method.name, getattr(g.params, "density", None)) for g in resolved.layer_groups(1, 6)}
+    assert groups == {(4, 5): ("svg", 0.2), (0, 1): ("dense", None), (3,): ("skip", None), (2,): ("svg", 0.5)}
+    assert [g.heads for g in resolved.layer_groups(0, 6)] == [(0, 1, 2, 3, 4, 5)]
+
+
+@pytest.mark.parametrize(
+    "heads, words",
+    [
+        ({"0-3": {"method": "dense"}, 2: {"method": "skip"}}, ["layers.1.heads.2", "names heads [2]", "layers.1.heads.0-3"]),
+        ({"a": {"method": "dense"}}, ["layers.1.heads.a", "not a head index or range"]),
+        ({"3-1": {"method": "dense"}}, ["layers.1.heads.3-1", "low <= high"]),
+        ({"0": {"method": "nope"}}, ["layers.1.heads.0.method", "nope"]),
+        ({"0": {"method": "sliding_frames", "params": {"block_size": 64}}}, ["block_size", "32", "64", "one launch"]),
+    ],
+    ids=["overlap", "not-a-range", "reversed", "unknown-method", "two-block-sizes"],
+)
+def test_bad_head_entries_are_refused_naming_the_field(heads, words):
+    with pytest.raises(ProfileError) as error:
+        load_profile({"method": "svg", "params": {"block_size": 32}, "layers": {1: {"heads": heads}}})
+    for word in words:
+        assert word in str(error.value)
+
+
+def test_heads_beyond_the_model_are_refused():
+    resolved = load_profile({"method": "svg", "layers": {1: {"heads": {"4-9": {"method": "dense"}}}}})
+    with pytest.raises(ProfileError, match=r"layers.1.heads.4-9.*head 9.*6 attention heads"):
+        resolved.check_model("cogvideox", num_layers=4, num_heads=6)
 
 
 @pytest.mark.parametrize(

@@ -3,30 +3,20 @@
 from __future__ import annotations
 
 import json
-import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
+from scripts.reference_model import adherence, sample, text_embeddings, videos, word_sensitivity
+from scripts.reference_model import train as training
+from scripts.reference_model.weights import read_training_summary, save_reference_weights
 from vdit_sparse.reference_model import (
     DEFAULT_WEIGHTS_PATH,
     REFERENCE_CONFIG,
     build_reference_pipeline,
     init_reference_pipeline,
-    read_training_summary,
-    save_reference_weights,
 )
-
-SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
-sys.path.insert(0, str(SCRIPTS))
-
-import check_prompt_adherence as adherence  # noqa: E402
-import sample_reference_model  # noqa: E402
-import text_embedding_similarity  # noqa: E402
-import train_reference_model as training  # noqa: E402
-import word_sensitivity  # noqa: E402
 
 
 def test_shipped_weights_fit_the_issue_limits():
@@ -109,27 +99,27 @@ def test_training_script_runs_and_resumes_on_cpu(tmp_path):
 
 
 def test_stills_are_the_first_frames_of_the_videos_the_same_seed_draws():
-    video, prompts, coverage = training.ShapeVideos(17, 64, "cpu", seed=4).sample(3, with_coverage=True)
-    still, still_prompts, still_coverage = training.ShapeVideos(17, 64, "cpu", seed=4).sample(3, with_coverage=True, frames=1)
+    video, prompts, coverage = videos.ShapeVideos(17, 64, "cpu", seed=4).sample(3, with_coverage=True)
+    still, still_prompts, still_coverage = videos.ShapeVideos(17, 64, "cpu", seed=4).sample(3, with_coverage=True, frames=1)
     assert still.shape == (3, 3, 1, 64, 64) and still_prompts == prompts
     assert torch.equal(still[:, :, 0], video[:, :, 0]) and torch.equal(still_coverage[:, 0], coverage[:, 0])
-    assert training.latent_coverage(still_coverage, torch.Size((3, 1, 4, 32, 32))).shape == (3, 1, 1, 32, 32)
+    assert videos.latent_coverage(still_coverage, torch.Size((3, 1, 4, 32, 32))).shape == (3, 1, 1, 32, 32)
     with pytest.raises(ValueError, match="frames must be in 1..17"):
-        training.ShapeVideos(17, 64, "cpu", seed=4).sample(1, frames=18)
+        videos.ShapeVideos(17, 64, "cpu", seed=4).sample(1, frames=18)
 
 
 def test_upright_shapes_start_at_their_fixed_turn_and_leave_the_prompts_alone():
-    upright = training.ShapeVideos(17, 64, "cpu", seed=6, upright_share=1.0)
-    turned = training.ShapeVideos(17, 64, "cpu", seed=6)
+    upright = videos.ShapeVideos(17, 64, "cpu", seed=6, upright_share=1.0)
+    turned = videos.ShapeVideos(17, 64, "cpu", seed=6)
     for _ in range(20):
         (shapes, _, prompt), (turned_shapes, _, turned_prompt) = upright._scene(), turned._scene()
         assert prompt == turned_prompt
         for shape, turned_shape in zip(shapes, turned_shapes):
-            kind = training.SHAPES[shape["kind"]]
-            assert shape["angle0"] == training.UPRIGHT_ANGLE.get(kind, 0.0)
+            kind = videos.SHAPES[shape["kind"]]
+            assert shape["angle0"] == videos.UPRIGHT_ANGLE.get(kind, 0.0)
             assert turned_shape["angle0"] != shape["angle0"]
     with pytest.raises(ValueError, match="upright_share"):
-        training.ShapeVideos(17, 64, "cpu", seed=6, upright_share=1.5)
+        videos.ShapeVideos(17, 64, "cpu", seed=6, upright_share=1.5)
 
 
 def test_training_script_refuses_a_still_share_of_one():
@@ -186,7 +176,7 @@ def test_adherence_detector_reads_the_training_videos():
 
 
 def test_word_swaps_change_one_word_in_the_prompt_and_the_pixels():
-    data = training.ShapeVideos(17, 64, "cpu", seed=3)
+    data = videos.ShapeVideos(17, 64, "cpu", seed=3)
     scene = word_sensitivity.plain_scenes(data, 1)[0]
     shapes, _, prompt, (colour, shape, direction) = scene
     assert prompt.startswith(f"{colour} {shape} moving {direction}")
@@ -210,7 +200,7 @@ def test_word_swaps_change_one_word_in_the_prompt_and_the_pixels():
 
 def test_word_attention_recomputes_the_real_attention_and_reads_each_word():
     pipe = build_reference_pipeline()
-    data = training.ShapeVideos(17, 64, "cpu", seed=3)
+    data = videos.ShapeVideos(17, 64, "cpu", seed=3)
     scenes = [scene[:3] for scene in word_sensitivity.plain_scenes(data, 2)]
     clean = word_sensitivity.render_latents(pipe, data, scenes, seed=5)
     noisy = pipe.scheduler.add_noise(clean, torch.randn_like(clean), torch.tensor([500, 500]))
@@ -228,7 +218,7 @@ def test_word_attention_recomputes_the_real_attention_and_reads_each_word():
     for handle in handles:
         handle.remove()
     text, hidden = seen["inputs"]["encoder_hidden_states"], seen["inputs"]["hidden_states"]
-    probs, v = sample_reference_model.joint_attention(block, torch.cat([text, hidden], 1), text.shape[1], rotary)
+    probs, v = sample.joint_attention(block, hidden, text, rotary)
     ours = block.to_out[0]((probs @ v).transpose(1, 2).flatten(2))
     real = torch.cat([seen["output"][1], seen["output"][0]], 1)
     assert ((ours - real).norm() / real.norm()).item() < 1e-4
@@ -246,10 +236,10 @@ def test_word_attention_recomputes_the_real_attention_and_reads_each_word():
 
 
 def test_text_similarity_measures_each_prompt_token_where_the_words_sit():
-    report = text_embedding_similarity.similarities(build_reference_pipeline())
+    report = text_embeddings.similarities(build_reference_pipeline())
     for word in ("colour", "shape", "direction"):
         each = report[word]["each_token_cosine_mean"]
-        assert list(each) == list(text_embedding_similarity.TOKENS)
+        assert list(each) == list(text_embeddings.TOKENS)
         # the swapped word's own token is the differing token, and it moves most
         assert each[word] == report[word]["differing_token_cosine_mean"]
         assert each[word] == min(each.values()) and all(-1 <= value <= 1 for value in each.values())

@@ -7,50 +7,47 @@ import torch
 
 from conftest import run_pipeline
 from vdit_sparse import accelerate_pipeline
+from vdit_sparse.context import StateStore
 from vdit_sparse.geometry import LatentGrid, TokenLayout
-from vdit_sparse.methods import masked_block_attention
-from vdit_sparse.methods.svg import band_half_width, permute_heads, svg_token_masks
+from vdit_sparse.methods.svg import band_half_width, row_masks
 from vdit_sparse.patterns import diagonal_band_block_mask, frame_to_position_permutation
+from vdit_sparse.plan import run_plan
 
 LAYOUT = TokenLayout(LatentGrid(6, 4, 5), 7, "prefix")
 
 
-def test_reference_permutation_round_trips_selected_heads_only():
-    torch.manual_seed(0)
-    x = torch.randn(2, 3, LAYOUT.seq_len, 8)
-    perm = frame_to_position_permutation(LAYOUT)
-    selected = torch.tensor([[True, False, True], [False, False, True]])
-    moved = permute_heads(x, perm, selected, inverse=False, backend="reference")
-    assert torch.equal(moved[0, 0], x[0, 0, perm]) and torch.equal(moved[0, 1], x[0, 1])
-    assert torch.equal(permute_heads(moved, perm, selected, inverse=True, backend="reference"), x)
-
-
-def test_token_masks_equal_attending_in_the_permuted_order():
-    """The reference masks (frame-major) say exactly what permute -> band -> unpermute computes."""
-    torch.manual_seed(1)
-    q, k, v = torch.randn(3, 2, 3, LAYOUT.seq_len, 16).unbind(0)
-    block = 8
-    mask = diagonal_band_block_mask(LAYOUT, block, band_half_width(LAYOUT, 0.3))
-    temporal = torch.tensor([[True, False, True], [False, True, False]])
-    token_mask = svg_token_masks(LAYOUT, mask, temporal, block, block)
-    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=token_mask)
-
-    perm = frame_to_position_permutation(LAYOUT)
-    qp, kp, vp = (permute_heads(t, perm, temporal, inverse=False, backend="reference") for t in (q, k, v))
-    out = masked_block_attention(qp, kp, vp, mask[None, None], block, block)
-    out = permute_heads(out, perm, temporal, inverse=True, backend="reference")
-    torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
-
-
-def test_temporal_mask_keeps_same_position_across_frames():
+def test_temporal_heads_attend_to_the_same_position_across_frames():
+    """A temporal head's band, in position-major order, covers a query's own position in every frame."""
     block = 4
     mask = diagonal_band_block_mask(LAYOUT, block, band_half_width(LAYOUT, 0.25))
-    token_mask = svg_token_masks(LAYOUT, mask, torch.tensor([[True]]), block, block)[0, 0]
-    frames_per = LAYOUT.grid.tokens_per_frame
-    query = LAYOUT.video_start + 2 * frames_per + 7  # frame 2, position 7
-    same_position = LAYOUT.video_start + torch.arange(LAYOUT.grid.frames) * frames_per + 7
-    assert token_mask[query, same_position].all()
-    assert token_mask[query, : LAYOUT.text_length].all()  # text columns stay dense
+    query = LAYOUT.video_start + 2 * LAYOUT.grid.tokens_per_frame + 7  # frame 2, position 7
+    same_position = LAYOUT.video_start + torch.arange(LAYOUT.grid.frames) * LAYOUT.grid.tokens_per_frame + 7
+    _, temporal = row_masks(LAYOUT, mask, torch.tensor([query]), block, block)
+    assert temporal[0, same_position].all()
+    assert temporal[0, : LAYOUT.text_length].all()  # text columns stay dense
+
+
+def test_svg_plan_equals_attending_in_the_permuted_order():
+    """The plan's token order says exactly what permute -> band -> unpermute computes."""
+    from vdit_sparse.kernels.reference import permute_tokens_reference
+    from vdit_sparse.methods.svg import SVGMethod
+
+    torch.manual_seed(1)
+    q, k, v = torch.randn(3, 2, 3, LAYOUT.seq_len, 16).unbind(0)
+    method = SVGMethod(SVGMethod.parse_params({"density": 0.3, "block_size": 16, "backend": "reference"}))
+    call = _svg_call(LAYOUT, block=16)
+    plan = method.plan(q, k, v, call)
+    out = run_plan(q, k, v, plan, backend="reference")
+    temporal = call.state["temporal"]
+    assert temporal.any() and not temporal.all()
+
+    perm = frame_to_position_permutation(LAYOUT)
+    band = diagonal_band_block_mask(LAYOUT, 16, band_half_width(LAYOUT, 0.3))
+    qp, kp, vp = (permute_tokens_reference(t, perm, heads=temporal) for t in (q, k, v))
+    token_mask = band.repeat_interleave(16, 0)[: LAYOUT.seq_len].repeat_interleave(16, 1)[:, : LAYOUT.seq_len]
+    expected = torch.nn.functional.scaled_dot_product_attention(qp, kp, vp, attn_mask=token_mask)
+    expected = permute_tokens_reference(expected, perm, inverse=True, heads=temporal)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("family", ["cogvideox", "hunyuan-video"])
@@ -69,26 +66,29 @@ def test_svg_at_density_one_reproduces_dense(family):
 @pytest.mark.parametrize("family", ["cogvideox", "hunyuan-video"])
 def test_svg_changes_output_and_reuses_decisions(family):
     from vdit_sparse.embedded import build_embedded_pipeline
+    from vdit_sparse.methods import svg
 
     pipe = build_embedded_pipeline(family, seed=0)
     reference = run_pipeline(pipe)
     profile = {"method": "svg", "params": {"density": 0.2, "backend": "reference", "block_size": 16, "reprofile_every": 2}}
-    with accelerate_pipeline(pipe, profile) as handle:
-        method = handle._methods[0]
-        classified = []
-        original = method.head_kinds.__func__
+    classified = []
+    original = svg.classify_heads
 
-        def spy(self, q, k, v, call, *rest):
-            before = dict(self._decisions)
-            kinds = original(self, q, k, v, call, *rest)
-            classified.append(before.get(call.cache_key) is None or before[call.cache_key][1] is not kinds)
-            return kinds
+    def spy(*args, **kwargs):
+        classified.append(True)
+        return original(*args, **kwargs)
 
-        method.head_kinds = spy.__get__(method)
-        output = run_pipeline(pipe)
-        assert handle.stats.computed_fraction < 0.7
+    svg.classify_heads = spy
+    try:
+        with accelerate_pipeline(pipe, profile) as handle:
+            output = run_pipeline(pipe)
+            assert handle.stats.computed_fraction < 0.7
+            summary = handle.summary()
+    finally:
+        svg.classify_heads = original
     # 4 steps, reprofile every 2: classify at steps 0 and 2 of each layer, reuse at 1 and 3.
-    assert classified == [True] * handle.num_layers + [False] * handle.num_layers + [True] * handle.num_layers + [False] * handle.num_layers
+    assert len(classified) == 2 * handle.num_layers
+    assert summary["state_bytes"] == 0 and summary["peak_state_bytes"] > 0  # the decisions, freed after the call
     assert torch.isfinite(output).all() and not torch.equal(output, reference)
 
 
@@ -118,16 +118,25 @@ def test_classification_of_planted_heads():
     assert correct / total >= 0.98
 
 
-def _svg_call(layout, padding=None):
+def svg_layer(**params):
+    """A layer whose every head runs svg with ``params``."""
+    from vdit_sparse.methods.svg import SVGMethod
+    from vdit_sparse.routing import HeadGroup, LayerRouting
+
+    method = SVGMethod(SVGMethod.parse_params(params))
+    return LayerRouting(0, [HeadGroup(method, tuple(range(64)))])
+
+
+def _svg_call(layout, padding=None, block=8, backend="reference"):
     from vdit_sparse.context import AttentionCall, RunStats, StepContext
 
-    return AttentionCall(0, StepContext(0, 1, 999.0, 0, layout), padding, RunStats())
+    return AttentionCall(0, StepContext(0, 1, 999.0, 0, layout), padding, RunStats(), block_m=block, block_n=block,
+                         backend=backend, state={})
 
 
 @pytest.mark.parametrize("text_position", ["prefix", "suffix"])
 def test_svg_on_the_kernels_equals_the_masked_reference(text_position):
     from vdit_sparse.kernels._triton_runtime import interpreter_active
-    from vdit_sparse.methods.svg import SVGMethod
     from vdit_sparse.synthetic import planted_qkv
 
     if not torch.cuda.is_available() and not interpreter_active():
@@ -141,10 +150,9 @@ def test_svg_on_the_kernels_equals_the_masked_reference(text_position):
         padding[1, -4:] = False
     outputs = {}
     for backend in ("reference", "triton"):
-        method = SVGMethod(SVGMethod.parse_params({"density": 0.3, "block_size": 16, "backend": backend}))
-        call = _svg_call(layout, padding)
-        outputs[backend] = method.attend(q, k, v, call)
-        decisions = method._decisions[call.cache_key][1]
+        store = StateStore()
+        outputs[backend] = svg_layer(density=0.3, block_size=16, backend=backend).attend(q, k, v, _svg_call(layout, padding), store)
+        decisions = store.slot((0, 0, 0))["temporal"]
     assert decisions.any() and not decisions.all()  # both paths of the layout transformation ran
     assert (outputs["triton"] - outputs["reference"]).abs().max().item() <= 1e-4
 
@@ -152,7 +160,6 @@ def test_svg_on_the_kernels_equals_the_masked_reference(text_position):
 def test_reference_and_kernel_paths_compute_one_mask_by_default():
     """Without block_size both backends take the kernels' block geometry (64 x 128 at head dim 32)."""
     from vdit_sparse.kernels._triton_runtime import interpreter_active
-    from vdit_sparse.methods.svg import SVGMethod
     from vdit_sparse.synthetic import planted_qkv
 
     if not torch.cuda.is_available() and not interpreter_active():
@@ -161,9 +168,8 @@ def test_reference_and_kernel_paths_compute_one_mask_by_default():
     q, k, v = planted_qkv(layout, ["spatial", "temporal"], batch=1, head_dim=32, noise=0.5, seed=4)
     outputs, fractions = {}, {}
     for backend in ("reference", "triton"):
-        method = SVGMethod(SVGMethod.parse_params({"density": 0.3, "backend": backend}))
         call = _svg_call(layout)
-        outputs[backend] = method.attend(q, k, v, call)
+        outputs[backend] = svg_layer(density=0.3, backend=backend).attend(q, k, v, call, StateStore())
         fractions[backend] = call.stats.computed_fraction
     assert fractions["reference"] == fractions["triton"] < 1.0
     assert (outputs["triton"] - outputs["reference"]).abs().max().item() <= 1e-4

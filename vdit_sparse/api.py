@@ -20,36 +20,42 @@ nothing process-wide, is touched.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Union
 
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
 
-from .context import AttentionCall, RunStats, StepContext
+from .context import AttentionCall, FeedForwardCall, RunStats, StateStore, StepContext
 from .methods import AttentionMethod
 from .pipelines import PipelineAdapter, find_adapter
 from .pipelines.base import bind_forward_inputs
 from .profile import Profile, ResolvedProfile, load_profile
+from .routing import HeadGroup, LayerRouting
 
 __all__ = ["accelerate_pipeline", "check_profile", "AccelerationHandle"]
 
 _RUN_END_HOOK = "vdit_sparse_run_end"
+_FEED_FORWARD_HOOK = "vdit_sparse_feed_forward"
 _HANDLE_ATTR = "_vdit_sparse_handle"
 
 
 class StepTracker:
     """Turns the timestep each transformer forward receives into a step index and a call kind.
 
-    The step index is the position of the received timestep among the
-    scheduler's timesteps, compared in the dtype the transformer receives:
-    HunyuanVideo casts its timestep to bf16, where neighbouring steps of a
-    50-step schedule round to one value.  When several steps match, the
-    pipeline's full-precision ``current_timestep`` picks among them (without
-    it, the earliest one not before the last step seen).  A second forward at
-    the same step (the unconditional call under true CFG) gets ``call_kind`` 1.
-    Without scheduler timesteps (the transformer called by hand) each new
-    timestep value starts a new step.
+    The diffusers pipelines loop over the scheduler's timesteps and pass the
+    transformer a view of the current entry (CogVideoX) or keep one as
+    ``pipe.current_timestep`` (all of them): its position in the schedule's
+    storage is the step index, read without waiting for the GPU.  Otherwise
+    the received value is matched against the schedule in the dtype the
+    transformer receives (HunyuanVideo casts to bf16, where neighbouring
+    steps of a 50-step schedule round to one value; the full-precision
+    ``current_timestep`` then picks among them, or else the earliest one not
+    before the last step seen).  A second forward at the same step (the
+    unconditional call under true CFG) gets ``call_kind`` 1.  Without
+    scheduler timesteps (the transformer called by hand) each new timestep
+    value starts a new step.
 
     A new pipeline call is recognised without help: every call sets new
     scheduler timesteps (a new tensor) before its first step, and a step
@@ -71,11 +77,11 @@ class StepTracker:
         self._last_step = -1
         self._fallback_step = -1
         self.new_run = False
+        #: The timestep of the last observed forward, as a float.
+        self.timestep_value = math.nan
 
     def observe(self, timestep: torch.Tensor | float) -> tuple[int, int, int]:
         """-> (step_index, num_steps, call_kind); num_steps is 0 when unknown."""
-        received = timestep.detach().flatten()[0].cpu() if torch.is_tensor(timestep) else torch.tensor(float(timestep), dtype=torch.float64)
-        value = float(received)
         scheduler = getattr(self.pipe, "scheduler", None)
         schedule = getattr(scheduler, "timesteps", None)
         began = self._last_step < 0
@@ -83,8 +89,12 @@ class StepTracker:
             if schedule is not self._schedule:  # set_timesteps ran: a new pipeline call
                 began = True
                 self._schedule, self._schedule_cpu = schedule, torch.as_tensor(schedule).detach().cpu()
-            step, num_steps = self._match(received, began), len(self._schedule_cpu)
+            step = self._position_in_schedule(timestep)
+            if step is None:
+                step = self._match(_first_value(timestep), began)
+            num_steps, value = len(self._schedule_cpu), float(self._schedule_cpu[step])
         else:
+            value = float(_first_value(timestep))
             if value != self._last_timestep:
                 self._fallback_step += 1
             step, num_steps = self._fallback_step, 0
@@ -92,10 +102,24 @@ class StepTracker:
         if self.new_run:
             self._calls_per_step.clear()
         self._last_step = step
-        self._last_timestep = value
+        self._last_timestep = self.timestep_value = value
         call_kind = self._calls_per_step.get(step, 0)
         self._calls_per_step[step] = call_kind + 1
         return step, num_steps, call_kind
+
+    def _position_in_schedule(self, timestep) -> int | None:
+        """The step whose schedule entry ``timestep`` (or the pipeline's ``current_timestep``) is a view of."""
+        schedule = self._schedule
+        if not torch.is_tensor(schedule) or schedule.dim() != 1:
+            return None
+        for candidate in (timestep, getattr(self.pipe, "current_timestep", None)):
+            if not torch.is_tensor(candidate) or candidate.untyped_storage().data_ptr() != schedule.untyped_storage().data_ptr():
+                continue
+            offset = candidate.storage_offset() - schedule.storage_offset()
+            step, rest = divmod(offset, schedule.stride(0))
+            if rest == 0 and 0 <= step < len(schedule):
+                return step
+        return None
 
     def _match(self, received: torch.Tensor, began: bool) -> int:
         """Index of the schedule entry that becomes ``received`` in ``received``'s dtype (the nearest if none does)."""
@@ -110,6 +134,13 @@ class StepTracker:
             return min(candidates, key=lambda i: abs(float(self._schedule_cpu[i]) - exact))
         later = [i for i in candidates if began or i >= self._last_step]
         return later[0] if later else candidates[0]
+
+
+def _first_value(timestep: torch.Tensor | float) -> torch.Tensor:
+    """The timestep's first entry as a CPU tensor in its own dtype (reading a GPU value waits for the GPU)."""
+    if torch.is_tensor(timestep):
+        return timestep.detach().flatten()[0].cpu()
+    return torch.tensor(float(timestep), dtype=torch.float64)
 
 
 class _RunEndHook(ModelHook):
@@ -142,6 +173,24 @@ def _remove_registry_hook(registry: HookRegistry, name: str) -> None:
         later.original_forward, later.forward = later.forward, kept
 
 
+class _FeedForwardHook(ModelHook):
+    """Hands one feed-forward module's calls to the method of its layer (the model's forward when it declines)."""
+
+    def __init__(self, handle: "AccelerationHandle", site: Any, method: AttentionMethod):
+        super().__init__()
+        self.handle, self.site, self.method = handle, site, method
+
+    def new_forward(self, module, hidden_states, *args, **kwargs):
+        step = self.handle._step
+        if step is not None and not self.handle._removed:
+            key = (self.site.layer_index, step.call_kind, "feed_forward", self.site.stream)
+            call = FeedForwardCall(self.site.layer_index, self.site.stream, step, self.handle.state.slot(key))
+            output = self.method.feed_forward(self.site, hidden_states, call)
+            if output is not None:
+                return output
+        return self.fn_ref.original_forward(hidden_states, *args, **kwargs)
+
+
 class AccelerationHandle:
     """What :func:`accelerate_pipeline` returns: the live state, the statistics, and ``remove()``.
 
@@ -160,22 +209,32 @@ class AccelerationHandle:
         self.num_heads = adapter.num_heads(self.transformer)
         self._tracker = StepTracker(pipe)
         self._step: StepContext | None = None
-        self._methods: dict[int, AttentionMethod | None] = {}
+        self.state = StateStore()
+        self._layers: list[LayerRouting] = []
+        # Groups with the same method and parameters share one instance: it keeps only what
+        # depends on the token layout (its plans); what it keeps across steps is in self.state.
         shared: dict[tuple, AttentionMethod] = {}
         for layer in range(self.num_layers):
-            method_cls, params = profile.layer_plan(layer)
-            if method_cls.is_dense:
-                self._methods[layer] = None
-                continue
-            # Layers with the same method and parameters share one instance (and its caches, keyed per layer).
-            key = (method_cls, repr(params))
-            if key not in shared:
-                shared[key] = method_cls(params)
-            self._methods[layer] = shared[key]
+            groups = []
+            for spec in profile.layer_groups(layer, self.num_heads):
+                key = (spec.method, repr(spec.params))
+                if key not in shared:
+                    shared[key] = spec.method(spec.params)
+                groups.append(HeadGroup(shared[key], spec.heads))
+            self._layers.append(LayerRouting(layer, groups))
+        # Feed-forward sites whose layer has a method that computes them: (module, method).
+        self._feed_forwards = []
+        if any(g.method.uses_feed_forward for layer in self._layers for g in layer.groups):
+            for site in adapter.feed_forward_sites(self.transformer):
+                owner = next((g.method for g in self._layers[site.layer_index].groups if g.method.uses_feed_forward), None)
+                if owner is not None and site.module is not None:
+                    self._feed_forwards.append((site, owner))
         # (module, our processor, the processor it replaced), per layer
         self._installed: list[tuple[torch.nn.Module, Any, Any]] = []
+        # modules we gave a diffusers hook registry of their own (dropped again by remove())
+        self._registries: list[torch.nn.Module] = []
         self._forward_hook: Any = None
-        self._registry_created = False
+        self._hooked: list[tuple[torch.nn.Module, str]] = []
         self._removed = False
 
     # -- installation --------------------------------------------------------------
@@ -192,10 +251,16 @@ class AccelerationHandle:
         self._forward_hook = self.transformer.register_forward_pre_hook(self._on_forward, with_kwargs=True)
         # The end-of-call reset reaches every diffusers hook registry under the transformer; ours
         # sits on the first attention module, whose forward no offload wrapper touches.
-        first = self._modules[0]
-        self._registry_created = not hasattr(first, "_diffusers_hook")
-        HookRegistry.check_if_exists_or_initialize(first).register_hook(_RunEndHook(self), _RUN_END_HOOK)
+        self._register(self._modules[0], _RunEndHook(self), _RUN_END_HOOK)
+        for site, method in self._feed_forwards:
+            self._register(site.module, _FeedForwardHook(self, site, method), _FEED_FORWARD_HOOK)
         setattr(self.transformer, _HANDLE_ATTR, self)
+
+    def _register(self, module: torch.nn.Module, hook: ModelHook, name: str) -> None:
+        if not hasattr(module, "_diffusers_hook"):
+            self._registries.append(module)
+        HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, name)
+        self._hooked.append((module, name))
 
     def remove(self) -> None:
         """Put the original processors back and drop the hooks; the pipeline computes exactly as before.
@@ -209,10 +274,11 @@ class AccelerationHandle:
             if module.processor is routing:
                 module.set_processor(original)
         self._forward_hook.remove()
-        first = self._modules[0]
-        _remove_registry_hook(first._diffusers_hook, _RUN_END_HOOK)
-        if self._registry_created and not first._diffusers_hook.hooks:
-            del first._diffusers_hook
+        for module, name in self._hooked:
+            _remove_registry_hook(module._diffusers_hook, name)
+        for module in self._registries:  # registries we created, now empty
+            if not module._diffusers_hook.hooks:
+                del module._diffusers_hook
         delattr(self.transformer, _HANDLE_ATTR)
         self._end_run()
         self._removed = True
@@ -257,31 +323,31 @@ class AccelerationHandle:
         step, num_steps, call_kind = self._tracker.observe(timestep)
         if self._tracker.new_run:
             self.stats.reset()
-            for method in {id(m): m for m in self._methods.values() if m is not None}.values():
-                method.reset()
-        value = float(timestep.flatten()[0]) if torch.is_tensor(timestep) else float(timestep)
-        self._step = StepContext(step, num_steps, value, call_kind, layout)
+            self.state.new_run()
+        else:
+            self.state.update_peak()  # what the last forward left
+        warmup = step < self.profile.dense_warmup_steps(num_steps)
+        self._step = StepContext(step, num_steps, self._tracker.timestep_value, call_kind, layout, warmup)
 
     def _end_run(self) -> None:
+        self.state.update_peak()
+        self.state.clear()
         self._tracker.reset()
         self._step = None
 
     # -- the dispatcher side that processors call ----------------------------------
 
-    def sparse_call(self, layer_index, batch, heads, key_padding_mask) -> AttentionCall | None:
+    def route(self, layer_index: int, batch: int, heads: int, key_padding_mask: torch.Tensor | None,
+              head_offset: int = 0) -> AttentionCall | None:
+        """The call to hand to :meth:`attend`, or None when the model's own processor should run it."""
         step = self._step
-        method = self._methods[layer_index]
-        dense = (
-            self._removed  # a processor of ours brought back after remove() (unfuse_qkv_projections)
-            or step is None
-            or method is None
-            or step.step_index < self.profile.dense_warmup_steps(step.num_steps)
-        )
-        if dense:
-            seq_len = step.layout.seq_len if step is not None else 0
-            self.stats.record("dense", 1.0, batch * heads, seq_len)
+        if self._removed or step is None:  # after remove() (a processor of ours brought back), or no forward seen
             return None
-        return AttentionCall(layer_index, step, key_padding_mask, self.stats)
+        call = AttentionCall(layer_index, step, key_padding_mask, self.stats, head_offset)
+        if self._layers[layer_index].uses_model_processor(call):
+            self.stats.record("dense", 1.0, batch * heads, step.layout.seq_len)
+            return None
+        return call
 
     def attend(self, q, k, v, call: AttentionCall) -> torch.Tensor:
         seq_len = call.layout.seq_len
@@ -290,7 +356,7 @@ class AccelerationHandle:
                 f"layer {call.layer_index}: the attention sequence has {q.shape[-2]} tokens, but the layout read from "
                 f"the transformer inputs says {seq_len} ({call.layout})"
             )
-        return self._methods[call.layer_index].attend(q, k, v, call)
+        return self._layers[call.layer_index].attend(q, k, v, call, self.state)
 
     def summary(self) -> dict:
         """What the last (or current) run did, for reports."""
@@ -300,6 +366,8 @@ class AccelerationHandle:
             "num_layers": self.num_layers,
             "num_heads": self.num_heads,
             **self.stats.as_dict(),
+            "state_bytes": self.state.nbytes(),
+            "peak_state_bytes": self.state.peak_bytes,
         }
 
 

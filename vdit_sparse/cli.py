@@ -3,6 +3,7 @@
 ``vdit-sparse generate``  text-to-video under a profile, optionally beside dense
 ``vdit-sparse profiles``  the built-in profiles and what they do
 ``vdit-sparse eval``      quality of profiles against dense: JSON, Markdown table, PNG plot
+``vdit-sparse inspect``   the method of every (layer, head) of a profile, as text and PNG
 """
 
 from __future__ import annotations
@@ -61,6 +62,13 @@ def _build_parser() -> argparse.ArgumentParser:
 
     commands.add_parser("profiles", help="list the built-in profiles")
     _add_eval_parser(commands)
+    ins = commands.add_parser("inspect", help="the method of every (layer, head) of a profile, as text and PNG")
+    ins.add_argument("profile", help="built-in profile name or YAML path")
+    ins.add_argument("--model", default=None,
+                     help="read the layer and head counts from this model (hub id, directory or embedded:...)")
+    ins.add_argument("--layers", type=int, default=None, help="attention layers (instead of --model)")
+    ins.add_argument("--heads", type=int, default=None, help="heads per layer (instead of --model)")
+    ins.add_argument("--png", type=Path, default=None, help="also draw the map to this PNG")
     return parser
 
 
@@ -292,6 +300,45 @@ def _cmd_eval(args) -> int:
     return 0
 
 
+def _cmd_inspect(args) -> int:
+    from .profile import load_profile
+    from .profile_map import format_method_map, method_map, write_method_map_png
+
+    profile = load_profile(args.profile)
+    spec = profile.profile.model
+    layers, heads = args.layers or spec.num_layers, args.heads or spec.num_heads
+    for flag, value in (("--layers", args.layers), ("--heads", args.heads)):
+        if value is not None and value < 1:
+            raise UsageError(f"{flag} must be >= 1, got {value}")
+    if args.png is not None and args.png.suffix.lower() != ".png":
+        raise UsageError(f"--png {str(args.png)!r}: expected a file name ending in .png")
+    if args.png is not None:
+        _writable_dir(args.png.parent, "--png")
+    if args.model is not None:
+        pipe = _load_pipeline(args.model, "float32", "cpu")
+        (profile,) = _check_profiles(pipe, [profile])
+        from .pipelines import find_adapter
+
+        adapter = find_adapter(pipe)
+        layers, heads = len(adapter.attention_modules(pipe.transformer)), adapter.num_heads(pipe.transformer)
+    if layers is None or heads is None:
+        raise UsageError(
+            f"profile '{profile.name}' does not state its layer and head counts (model.num_layers, model.num_heads); "
+            "pass --model, or --layers and --heads"
+        )
+    if args.model is None:  # the counts given must fit the heads and layers the profile names
+        profile.check_model(spec.family, layers, heads)
+    grid = method_map(profile, layers, heads)
+    steps, fraction = profile.profile.dense_warmup_steps, profile.profile.dense_warmup_fraction
+    warmup = f"{steps} steps" if steps is not None else f"{fraction:g} of the steps" if fraction is not None else "none"
+    print(f"profile '{profile.name}': {layers} layers x {heads} heads; dense warm-up: {warmup}")
+    print(format_method_map(grid))
+    if args.png is not None:
+        write_method_map_png(grid, args.png, title=f"{profile.name}: method per (layer, head)")
+        print(f"wrote {args.png}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     from .profile import ProfileError
@@ -301,6 +348,8 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_generate(args)
         if args.command == "eval":
             return _cmd_eval(args)
+        if args.command == "inspect":
+            return _cmd_inspect(args)
         return _cmd_profiles(args)
     except (ProfileError, UsageError) as error:
         print(f"error: {error}", file=sys.stderr)

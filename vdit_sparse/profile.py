@@ -36,7 +36,10 @@ from typing import Any, Dict, List, Optional, Union
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
-__all__ = ["Profile", "ModelSpec", "LayerOverride", "ProfileError", "load_profile", "builtin_profiles"]
+__all__ = [
+    "Profile", "ModelSpec", "LayerOverride", "HeadOverride", "HeadGroupSpec", "ProfileError", "load_profile",
+    "builtin_profiles",
+]
 
 
 class ProfileError(ValueError):
@@ -53,9 +56,21 @@ class ModelSpec:
 
 
 @dataclass
+class HeadOverride:
+    """What some heads of a layer do differently from the layer."""
+
+    method: Optional[str] = None
+    params: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class LayerOverride:
     """What one layer does differently from the profile's default.
 
+    ``heads`` gives heads of the layer their own method: keys are a head
+    index (``3``) or an inclusive range (``"0-7"``); heads not listed run
+    the layer's method.  All heads of a layer run in one kernel launch, so
+    their block-sparse methods share ``block_size`` and ``backend``.
     ``sensitivity`` records how much this layer's output moves when it runs
     sparse (from the offline search: relative error against dense); it is
     informational for now and lets budget allocation favour robust layers.
@@ -63,7 +78,17 @@ class LayerOverride:
 
     method: Optional[str] = None
     params: Dict[str, Any] = field(default_factory=dict)
+    heads: Dict[Any, HeadOverride] = field(default_factory=dict)
     sensitivity: Optional[float] = None
+
+
+@dataclass(frozen=True)
+class HeadGroupSpec:
+    """One method over some heads of a layer: what :meth:`ResolvedProfile.layer_groups` returns."""
+
+    method: type
+    params: Any
+    heads: tuple[int, ...]
 
 
 @dataclass
@@ -245,21 +270,39 @@ class ResolvedProfile:
 
         self.default_method = get_method_class(profile.method, field_name="method", where=where)
         self.default_params = self.default_method.parse_params(profile.params, field_name="params", where=where)
-        self._layer_plans: dict[int, tuple[type, Any]] = {}
+        # layer -> (its method, its params, [(heads, method, params, field name)])
+        self._layers: dict[int, tuple[type, Any, list[tuple[tuple[int, ...], type, Any, str]]]] = {}
         for index, override in profile.layers.items():
             method = self.default_method
             if override.method is not None:
                 method = get_method_class(override.method, field_name=f"layers.{index}.method", where=where)
             # Layer params refine the profile's params when the method is the same, else start from defaults.
-            base = profile.params if method is self.default_method else {}
-            params = method.parse_params(
-                {**base, **override.params}, field_name=f"layers.{index}.params", where=where
-            )
+            raw = {**(profile.params if method is self.default_method else {}), **override.params}
+            params = method.parse_params(raw, field_name=f"layers.{index}.params", where=where)
             if override.sensitivity is not None and not (override.sensitivity >= 0 and math.isfinite(override.sensitivity)):
                 raise ProfileError(
                     f"{where}: field 'layers.{index}.sensitivity' must be a finite number >= 0, got {override.sensitivity}"
                 )
-            self._layer_plans[index] = (method, params)
+            groups, taken = [], {}
+            for key, head_override in override.heads.items():
+                field_name = f"layers.{index}.heads.{key}"
+                heads = _head_range(key, field_name, where)
+                clash = sorted(set(heads) & set(taken))
+                if clash:
+                    raise ProfileError(
+                        f"{where}: field '{field_name}' names heads {clash} that "
+                        f"'layers.{index}.heads.{taken[clash[0]]}' names too; each head has one method"
+                    )
+                taken.update((head, key) for head in heads)
+                head_method = method
+                if head_override.method is not None:
+                    head_method = get_method_class(head_override.method, field_name=f"{field_name}.method", where=where)
+                # Head params refine the layer's params when the method is the same, else start from defaults.
+                head_raw = {**(raw if head_method is method else {}), **head_override.params}
+                head_params = head_method.parse_params(head_raw, field_name=f"{field_name}.params", where=where)
+                groups.append((heads, head_method, head_params, field_name))
+            _check_one_launch([(params, f"layers.{index}")] + [(g[2], g[3]) for g in groups], where)
+            self._layers[index] = (method, params, groups)
 
     @property
     def name(self) -> str:
@@ -287,6 +330,13 @@ class ResolvedProfile:
                     f"{where}: field '{field_name}' names layers {bad}, but this transformer has "
                     f"{num_layers} attention layers (valid: 0..{num_layers - 1})"
                 )
+        for _, _, groups in self._layers.values():
+            for heads, _, _, field_name in groups:
+                if max(heads) >= num_heads:
+                    raise ProfileError(
+                        f"{where}: field '{field_name}' names head {max(heads)}, but this transformer has "
+                        f"{num_heads} attention heads (valid: 0..{num_heads - 1})"
+                    )
 
     def dense_warmup_steps(self, num_steps: int) -> int:
         """Steps that run fully dense at the start of a run of ``num_steps`` steps.
@@ -301,16 +351,56 @@ class ResolvedProfile:
             return math.ceil(Fraction(repr(self.profile.dense_warmup_fraction)) * num_steps)
         return 0
 
-    def layer_plan(self, layer_index: int) -> tuple[type, Any]:
-        """The method class and its parameters for one layer (before warm-up and dense layers)."""
-        if layer_index in self.profile.dense_layers:
-            from .methods import get_method_class
+    def layer_groups(self, layer_index: int, num_heads: int) -> list[HeadGroupSpec]:
+        """The methods of one layer, each with its parameters and heads, in head order of first appearance.
 
-            return get_method_class("dense"), None
-        return self._layer_plans.get(layer_index, (self.default_method, self.default_params))
+        A dense layer (``dense_layers``) is one ``dense`` group; heads a
+        ``heads`` entry does not name run the layer's method.
+        """
+        from .methods import get_method_class
+
+        if layer_index in self.profile.dense_layers:
+            dense = get_method_class("dense")
+            return [HeadGroupSpec(dense, dense.parse_params({}), tuple(range(num_heads)))]
+        method, params, groups = self._layers.get(layer_index, (self.default_method, self.default_params, []))
+        named = {head for heads, _, _, _ in groups for head in heads}
+        rest = tuple(head for head in range(num_heads) if head not in named)
+        specs = [HeadGroupSpec(method, params, rest)] if rest else []
+        specs += [HeadGroupSpec(group_method, group_params, heads) for heads, group_method, group_params, _ in groups]
+        return specs
 
     def to_yaml(self) -> str:
         return OmegaConf.to_yaml(OmegaConf.structured(self.profile))
+
+
+def _head_range(key: Any, field_name: str, where: str) -> tuple[int, ...]:
+    """``3`` or ``"3"`` -> (3,); ``"0-7"`` -> (0, ..., 7)."""
+    text = str(key).strip()
+    first, dash, last = text.partition("-")
+    try:
+        low, high = int(first), int(last) if dash else int(first)
+    except ValueError:
+        raise ProfileError(
+            f"{where}: field '{field_name}': {key!r} is not a head index or range; write 3 or \"0-7\""
+        ) from None
+    if low < 0 or high < low:
+        raise ProfileError(f"{where}: field '{field_name}': heads {key!r} must be a range low-high with 0 <= low <= high")
+    return tuple(range(low, high + 1))
+
+
+def _check_one_launch(params: list[tuple[Any, str]], where: str) -> None:
+    """The heads of one layer run in one launch: their block sizes and backends must agree."""
+    for attribute in ("block_size", "backend"):
+        seen = {}
+        for value, field_name in params:
+            if hasattr(value, attribute):
+                seen.setdefault(getattr(value, attribute), field_name)
+        if len(seen) > 1:
+            (a, first), (b, second) = list(seen.items())[:2]
+            raise ProfileError(
+                f"{where}: fields '{first}' and '{second}' set {attribute} {a!r} and {b!r}; the heads of one layer "
+                f"run in one launch and share one {attribute}"
+            )
 
 
 def params_from_dict(params_cls: type, values: dict, *, field_name: str, where: str) -> Any:

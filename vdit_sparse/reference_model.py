@@ -4,7 +4,7 @@ Random weights say nothing about quality: their attention is unstructured, so
 any sparse pattern looks as good (or as bad) as any other. This module builds
 a real ``CogVideoXPipeline`` around a small ``CogVideoXTransformer3DModel``
 (6 layers, 8 heads of 32 dims, RoPE as in CogVideoX-5B, patch 2) and a small
-``AutoencoderKLCogVideoX``, trained by ``scripts/train_reference_model.py`` on
+``AutoencoderKLCogVideoX``, trained by ``scripts/reference_model/train.py`` on
 procedurally generated videos of coloured shapes moving over panning, smoothly
 textured backgrounds. The tokenizer and the small T5 text encoder are those of
 the embedded CogVideoX pipeline (:mod:`vdit_sparse.embedded`); the T5 was
@@ -43,8 +43,6 @@ __all__ = [
     "VARIABLE_KEYS",
     "build_reference_pipeline",
     "init_reference_pipeline",
-    "read_training_summary",
-    "save_reference_weights",
 ]
 
 WEIGHTS_FORMAT = "vdit-sparse-reference/1"
@@ -110,7 +108,7 @@ REFERENCE_CONFIG: Mapping[str, Mapping[str, object]] = MappingProxyType(
 """The reference model's architecture; the weights file records the one it was trained with."""
 
 VARIABLE_KEYS = frozenset({("transformer", "num_layers")})
-"""The parts of :data:`REFERENCE_CONFIG` a weights file may set otherwise: ``scripts/train_reference_model.py
+"""The parts of :data:`REFERENCE_CONFIG` a weights file may set otherwise: ``python -m scripts.reference_model.train
 --num-layers`` trains deeper or shallower variants, and :func:`build_reference_pipeline` builds what the file says."""
 
 REFERENCE_CALL_ARGS: Mapping[str, object] = MappingProxyType(
@@ -179,48 +177,6 @@ def init_reference_pipeline(seed: int = 0, vae_scaling_factor: float = 1.0, num_
     )
 
 
-def save_reference_weights(pipe, path: str | os.PathLike, training: Mapping[str, object] | None = None) -> Path:
-    """Write the pipeline's transformer, VAE and text encoder to one ``.safetensors`` file.
-
-    Tensors are stored in float16 (the file must stay under 25 MB); the
-    metadata records the architecture, the VAE's scaling factor, a digest of
-    the tokenizer's vocabulary and, optionally, a short training summary.
-    """
-    from safetensors.torch import save_file
-
-    state = {}
-    for prefix, module in (("transformer", pipe.transformer), ("vae", pipe.vae), ("text_encoder", pipe.text_encoder)):
-        for key, tensor in module.state_dict().items():
-            stored = tensor.detach().to("cpu")
-            state[f"{prefix}.{key}"] = (stored.half() if stored.is_floating_point() else stored).contiguous()
-    metadata = {
-        "format": WEIGHTS_FORMAT,
-        "config": json.dumps(_config_with(pipe.transformer.config.num_layers), sort_keys=True),
-        "vae_scaling_factor": repr(float(pipe.vae.config.scaling_factor)),
-        "tokenizer_vocabulary_sha256": _vocabulary_digest(pipe.tokenizer),
-    }
-    if training is not None:
-        metadata["training"] = json.dumps(_plain(training), sort_keys=True)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(path), metadata=metadata)
-    return path
-
-
-def read_training_summary(weights: str | os.PathLike | None = None) -> dict | None:
-    """The training summary ``scripts/train_reference_model.py`` stored in a weights file.
-
-    A resumed run nests the summary of the run it continued under ``resumed_from``.
-    ``None`` when the file holds none; ``weights=None`` reads :data:`DEFAULT_WEIGHTS_PATH`.
-    """
-    from safetensors import safe_open
-
-    path = Path(weights) if weights is not None else DEFAULT_WEIGHTS_PATH
-    with safe_open(str(path), framework="pt") as handle:
-        summary = (handle.metadata() or {}).get("training")
-    return None if summary is None else json.loads(summary)
-
-
 def build_reference_pipeline(
     weights: str | os.PathLike | None = None,
     device: str | torch.device = "cpu",
@@ -229,7 +185,7 @@ def build_reference_pipeline(
     """The trained reference ``CogVideoXPipeline`` on ``device`` in ``dtype``.
 
     Args:
-        weights: the ``.safetensors`` file written by ``scripts/train_reference_model.py``;
+        weights: the ``.safetensors`` file written by ``scripts/reference_model/train.py``;
             ``None`` reads :data:`DEFAULT_WEIGHTS_PATH` (``assets/`` of the repository,
             found from an editable install).
         device: where the pipeline goes.
@@ -269,7 +225,7 @@ def build_reference_pipeline(
     if fixed:
         raise ValueError(
             f"reference weights {str(path)!r} were trained with another REFERENCE_CONFIG "
-            f"(differs in {fixed}); retrain with scripts/train_reference_model.py"
+            f"(differs in {fixed}); retrain with python -m scripts.reference_model.train"
         )
 
     pipe = init_reference_pipeline(
@@ -278,7 +234,7 @@ def build_reference_pipeline(
     if _vocabulary_digest(pipe.tokenizer) != metadata["tokenizer_vocabulary_sha256"]:
         raise ValueError(
             f"reference weights {str(path)!r} were trained with another tokenizer vocabulary than "
-            "vdit_sparse.embedded.build_tokenizer('t5') now builds; retrain with scripts/train_reference_model.py"
+            "vdit_sparse.embedded.build_tokenizer('t5') now builds; retrain with python -m scripts.reference_model.train"
         )
     for prefix in ("transformer", "vae", "text_encoder"):
         module = getattr(pipe, prefix)

@@ -1,13 +1,14 @@
-"""Attention methods: each turns one attention call's q, k, v into an output.
+"""Attention methods: each turns one attention call into a per-head plan.
 
 A method never knows which model it runs in: it reads the token layout, the
-step and the layer from the :class:`~vdit_sparse.context.AttentionCall`.
-Methods register themselves by name; profiles name them.
+step, the layer and its heads from the
+:class:`~vdit_sparse.context.AttentionCall`.  Methods register themselves by
+name; profiles name them, per layer and per head.
 """
 
 from .base import AttentionMethod, get_method_class, method_names, register_method
-from .dense import DenseMethod
-from .block_sparse import BlockSparseMethod, SlidingFramesMethod, masked_block_attention
+from .dense import DenseMethod, SkipMethod
+from .block_sparse import BlockSparseMethod, SlidingFramesMethod
 from .svg import SVGMethod
 
 __all__ = [
@@ -15,9 +16,9 @@ __all__ = [
     "BlockSparseMethod",
     "DenseMethod",
     "SVGMethod",
+    "SkipMethod",
     "SlidingFramesMethod",
     "get_method_class",
-    "masked_block_attention",
     "method_names",
     "register_method",
 ]

@@ -7,7 +7,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..context import AttentionCall
+from ..context import AttentionCall, FeedForwardCall
+from ..plan import HeadPlan
 from ..profile import ProfileError, params_from_dict
 
 __all__ = ["AttentionMethod", "register_method", "get_method_class", "method_names"]
@@ -21,20 +22,38 @@ class NoParams:
 
 
 class AttentionMethod:
-    """One way to compute attention.
+    """One way to compute attention, for the heads a profile gives it.
 
     Subclasses set ``name`` (what profiles write) and ``Params`` (a dataclass
     of their parameters, validated by the profile loader), and implement
-    :meth:`attend`.  An instance serves every layer that shares its
-    parameters; state kept across steps must be keyed by
-    ``call.cache_key`` and cleared in :meth:`reset`, which runs before every
-    pipeline call.
+    :meth:`plan`.  Every attention call of the method's layers reaches it:
+
+    1. :meth:`uses_model_processor` decides whether the call runs the model's
+       own processor (exact dense, no q, k, v computed by us).  The default
+       says yes on the profile's dense warm-up steps; a method that must see
+       those steps (to fill a cache) says no and plans a dense pass itself.
+       A layer runs the model's processor only when all of its methods agree.
+    2. :meth:`plan` returns the :class:`~vdit_sparse.plan.HeadPlan` of the
+       call for the method's heads (``q``, ``k``, ``v`` hold just those heads).
+       The layer joins the plans of all its methods and runs them in one launch.
+    3. :meth:`finish` may change the method's heads' output (add a cached
+       term, say) and read or fill ``call.state``.
+
+    A method with ``uses_feed_forward = True`` also computes the
+    feed-forwards of its layers (:meth:`feed_forward`), on the sites whose
+    adapter names one module for the whole feed-forward.
+
+    State kept across steps lives in ``call.state`` (one dict per layer, call
+    kind and head group, dropped when the pipeline call ends), never on the
+    instance: one instance serves every layer that shares its parameters.
+    What an instance may keep is what depends only on the token layout (a
+    plan built once per layout).
     """
 
     name: ClassVar[str]
     Params: ClassVar[type] = NoParams
-    #: True for the method that leaves the model's own processor in charge.
-    is_dense: ClassVar[bool] = False
+    #: True when the method also computes its layers' feed-forwards (:meth:`feed_forward`).
+    uses_feed_forward: ClassVar[bool] = False
 
     def __init__(self, params: Any):
         self.params = params
@@ -43,12 +62,23 @@ class AttentionMethod:
     def parse_params(cls, values: dict, *, field_name: str = "params", where: str = "profile") -> Any:
         return params_from_dict(cls.Params, dict(values), field_name=field_name, where=where)
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttentionCall) -> torch.Tensor:
-        """q, k, v ``(B, H, S, D)`` -> output ``(B, H, S, D)``; records its work in ``call.stats``."""
+    def uses_model_processor(self, call: AttentionCall) -> bool:
+        """True when this call may run the model's own processor instead of a plan of ours."""
+        return call.step.warmup
+
+    def plan(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttentionCall) -> HeadPlan:
+        """The plan for q, k, v ``(B, h, S, D)``: the ``h`` heads ``call.heads`` of this call."""
         raise NotImplementedError
 
-    def reset(self) -> None:
-        """Forget state kept across steps (a new pipeline call begins)."""
+    def finish(self, out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttentionCall) -> torch.Tensor:
+        """The method's heads' output ``(B, h, S, D)`` after the plan ran; by default unchanged."""
+        return out
+
+
+    def feed_forward(self, site, x: torch.Tensor, call: FeedForwardCall) -> torch.Tensor | None:
+        """The output of feed-forward ``site`` (a :class:`~vdit_sparse.pipelines.base.FeedForwardSite`)
+        for input ``x``, or None to let the model compute it."""
+        return None
 
 
 def register_method(cls: type[AttentionMethod]) -> type[AttentionMethod]:

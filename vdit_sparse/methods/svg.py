@@ -18,8 +18,11 @@ Which kind a head is comes from online profiling: ``num_samples`` query rows,
 spread over the whole video, get their exact attention output and the output
 under each of the two masks; the kind with the smaller mean squared error
 wins, per head and per batch element (conditional and unconditional halves of
-a CFG batch may differ).  The decision is kept per ``(layer, call kind)`` and
-reused for ``reprofile_every`` steps.
+a CFG batch may differ).  The decision never leaves the GPU: it selects, per
+(batch, head), the token order of the plan (``query_rows``), and keys and
+values are gathered into it for every head (the identity order for spatial
+heads), so nothing is read back to the host.  The plan is kept in the call's
+state (per layer and call kind) and reused for ``reprofile_every`` steps.
 
 Example profile::
 
@@ -35,30 +38,21 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from ..context import AttentionCall
 from ..geometry import TokenLayout
 from ..patterns import diagonal_band_block_mask, frame_to_position_permutation
+from ..plan import HeadPlan
 from .base import register_method
-from .block_sparse import (
-    BlockPlan,
-    BlockSparseMethod,
-    BlockSparseParams,
-    block_sizes_for,
-    resolve_backend,
-    run_block_plan,
-)
+from .block_sparse import BlockSparseMethod, BlockSparseParams
 
 __all__ = [
     "SVGMethod",
     "SVGParams",
     "band_half_width",
     "classify_heads",
-    "permute_heads",
     "row_masks",
     "sample_rows",
-    "svg_token_masks",
 ]
 
 HEAD_KINDS = ("auto", "spatial", "temporal")
@@ -153,30 +147,14 @@ def classify_heads(
     return temporal_error < spatial_error
 
 
-def svg_token_masks(layout: TokenLayout, block_mask: torch.Tensor, temporal: torch.Tensor, block_m: int, block_n: int) -> torch.Tensor:
-    """Token masks ``(B, H, S, S)`` in frame-major order that the SVG kernel path computes (reference only)."""
-    every_row = torch.arange(layout.seq_len, device=block_mask.device)
-    spatial, temporal_mask = row_masks(layout, block_mask, every_row, block_m, block_n)
-    return torch.where(temporal[:, :, None, None], temporal_mask, spatial)
+@dataclass(eq=False)
+class _LayoutParts:
+    """What SVG derives from one token layout, once: the band plan and what classification needs."""
 
-
-def permute_heads(x: torch.Tensor, perm: torch.Tensor, selected: torch.Tensor, *, inverse: bool, backend: str) -> torch.Tensor:
-    """Token order ``perm`` applied to the (batch, head) pairs ``selected`` ``(B, H)`` of ``x`` ``(B, H, S, D)``."""
-    if backend == "triton":
-        from ..kernels.permute import permute_tokens
-
-        return permute_tokens(x, perm, inverse=inverse, heads=selected)
-    from ..kernels.reference import permute_tokens_reference
-
-    return permute_tokens_reference(x, perm, inverse=inverse, heads=selected)
-
-
-@dataclass(eq=False, kw_only=True)
-class SVGPlan(BlockPlan):
-    """The band (the same for every head) plus what classification and the layout transformation need."""
-
-    perm: torch.Tensor  # frame-major -> position-major token order
-    rows: torch.Tensor  # sampled query positions for classification
+    band: HeadPlan  # one head, frame-major
+    order: torch.Tensor  # int32 (1, 1, S): frame-major -> position-major
+    identity: torch.Tensor  # int32 (1, 1, S)
+    rows: torch.Tensor  # sampled query positions
     spatial_rows: torch.Tensor  # (R, S) token masks of those rows
     temporal_rows: torch.Tensor
 
@@ -186,56 +164,31 @@ class SVGMethod(BlockSparseMethod):
     name = "svg"
     Params = SVGParams
 
-    def __init__(self, params):
-        super().__init__(params)
-        self._decisions: dict[tuple[int, int], tuple[int, torch.Tensor]] = {}
-
-    def reset(self) -> None:
-        self._decisions.clear()
-
-    def build_plan(self, layout, block_m, block_n, device) -> SVGPlan:
+    def build_plan(self, layout, block_m, block_n, device) -> _LayoutParts:
         width = band_half_width(layout, self.params.density)
         band = diagonal_band_block_mask(layout, block_m, width, kv_block_size=block_n, device=device)
         rows = sample_rows(layout, self.params.num_samples, device)
         spatial_rows, temporal_rows = row_masks(layout, band, rows, block_m, block_n)
-        return SVGPlan(
-            band[None, None], band.float().mean().item(),
-            perm=frame_to_position_permutation(layout, device=device),
-            rows=rows, spatial_rows=spatial_rows, temporal_rows=temporal_rows,
+        order = frame_to_position_permutation(layout, device=device).to(torch.int32)
+        return _LayoutParts(
+            HeadPlan.from_block_mask(band[None, None], block_m, block_n),
+            order.view(1, 1, -1), torch.arange(layout.seq_len, dtype=torch.int32, device=device).view(1, 1, -1),
+            rows, spatial_rows, temporal_rows,
         )
 
-    def head_kinds(self, q, k, v, call: AttentionCall, plan: SVGPlan) -> torch.Tensor:
-        """Bool ``(B, H)``, True for temporal heads; classified or reused from an earlier step."""
+    def plan(self, q, k, v, call: AttentionCall) -> HeadPlan:
+        parts = self.layout_plan(call.layout, call.block_m, call.block_n, q.device)
         batch, heads = q.shape[:2]
-        if self.params.head_kind != "auto":
-            return torch.full((batch, heads), self.params.head_kind == "temporal", device=q.device)
-        step = call.step.step_index
-        cached = self._decisions.get(call.cache_key)
-        if cached is not None and 0 <= step - cached[0] < self.params.reprofile_every and cached[1].shape == (batch, heads):
-            return cached[1]
-        temporal = classify_heads(q, k, v, plan.rows, plan.spatial_rows, plan.temporal_rows, call.key_padding_mask)
-        self._decisions[call.cache_key] = (step, temporal)
-        return temporal
-
-    def attend(self, q, k, v, call):
-        backend = resolve_backend(self.params.backend, q)
-        block_m, block_n = block_sizes_for(self.params, q.shape[-1])
-        plan = self.layout_plan(call.layout, block_m, block_n, q.device)
-        temporal = self.head_kinds(q, k, v, call, plan)
-        batch, heads, seq_len, _ = q.shape
-        call.stats.record(self.name, plan.density, batch * heads, seq_len)
-        if backend == "reference":
-            token_mask = svg_token_masks(call.layout, plan.mask[0, 0], temporal, block_m, block_n)
-            if call.key_padding_mask is not None:
-                token_mask = token_mask & call.key_padding_mask[:, None, None, :]
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=token_mask)
-        query_rows = None
-        if bool(temporal.any()):  # with every head spatial there is nothing to transform
-            from ..kernels.permute import permutation_table
-
-            # Keys and values move to position-major order; the kernel gathers the query rows and
-            # scatters the output rows itself (query_rows), so q and the output are never copied.
-            k, v = (permute_heads(t, plan.perm, temporal, inverse=False, backend=backend) for t in (k, v))
-            query_rows = permutation_table(plan.perm, temporal, heads, seq_len)
-        # The key-padding mask needs no permuting: padding is on text tokens, which stay in place.
-        return run_block_plan(q, k, v, plan, block_m, block_n, call.key_padding_mask, backend, query_rows)
+        band = parts.band.for_heads(heads)
+        if self.params.head_kind == "spatial":
+            return band
+        if self.params.head_kind == "temporal":
+            return HeadPlan(band.kv_block_indices, band.kv_block_counts, band.block_m, band.block_n, band.density,
+                            parts.order.expand(1, heads, -1))
+        state, step = call.state, call.step.step_index
+        temporal = state.get("temporal")
+        if temporal is None or temporal.shape != (batch, heads) or not 0 <= step - state["decided_at"] < self.params.reprofile_every:
+            temporal = classify_heads(q, k, v, parts.rows, parts.spatial_rows, parts.temporal_rows, call.key_padding_mask)
+            state.update(temporal=temporal, decided_at=step)
+        rows = torch.where(temporal[..., None], parts.order, parts.identity)  # (B, h, S), on the device
+        return HeadPlan(band.kv_block_indices, band.kv_block_counts, band.block_m, band.block_n, band.density, rows)

@@ -1,6 +1,6 @@
 """How far apart does the reference model's text encoder put prompts that differ in one word?
 
-For the 28 prompts of scripts/check_prompt_adherence.py ("<colour> <shape>
+For the 28 prompts of scripts/reference_model/adherence.py ("<colour> <shape>
 moving <direction>"), every pair that differs only in the colour, only in the
 shape or only in the direction word is compared: the cosine similarity of the
 whole prompt embeddings (16 tokens x 32 dims, flattened), of the differing
@@ -10,7 +10,7 @@ transformer is handed almost the same conditioning for the two prompts and
 cannot tell them apart. Runs in seconds
 on the CPU::
 
-    python scripts/text_embedding_similarity.py     # docs/reference-text-embeddings.json
+    python -m scripts.reference_model.text_embeddings     # docs/reference-text-embeddings.json
 
 The freshly initialised T5 (what training started from) is measured beside
 the trained one.
@@ -21,27 +21,22 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import sys
 from itertools import combinations, product
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # run from a checkout without installing
-sys.path.insert(0, str(REPO / "scripts"))
-
-from check_prompt_adherence import CHROMATIC  # noqa: E402
-from train_reference_model import DIRECTIONS, SHAPES  # noqa: E402
-
-from vdit_sparse.reference_model import (  # noqa: E402
+from vdit_sparse.reference_model import (
     DEFAULT_WEIGHTS_PATH,
     REFERENCE_CALL_ARGS,
     build_reference_pipeline,
     init_reference_pipeline,
 )
 
+from .videos import CHROMATIC, DIRECTIONS, SHAPES
+
+REPO = Path(__file__).resolve().parents[2]
 
 TOKENS = ("colour", "shape", "moving", "direction", "end")  # "<colour> <shape> moving <direction></s>"
 

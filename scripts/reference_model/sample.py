@@ -17,15 +17,16 @@ Writes three files (defaults in docs/):
   dot at the centre of every tile.
 
 Attention probabilities are not materialised by the pipeline, so a forward
-pre-hook on each block's ``attn1`` captures its inputs and recomputes q and k
-exactly as ``CogVideoXAttnProcessor2_0`` does (to_q/to_k, per-head LayerNorm,
+pre-hook on each block's ``attn1`` captures its inputs and recomputes q, k and v
+with ``vdit_sparse.pipelines.cogvideox.attention_inputs`` (as
+``CogVideoXAttnProcessor2_0`` computes them: to_q/to_k/to_v, per-head LayerNorm,
 RoPE on the video part); a forward hook checks that ``to_out(P @ V)`` equals
 the module's real output (``recompute_max_rel_err`` in the JSON).
 
 Runs on the CPU (a few minutes) or a GPU::
 
-    python scripts/sample_reference_model.py                # assets/ weights, docs/ outputs
-    python scripts/sample_reference_model.py --device cuda --steps 50
+    python -m scripts.reference_model.sample                # assets/ weights, docs/ outputs
+    python -m scripts.reference_model.sample --device cuda --steps 50
 """
 
 from __future__ import annotations
@@ -33,7 +34,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -41,16 +41,16 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # run from a checkout without installing
-
-from vdit_sparse.geometry import LatentGrid, TokenLayout  # noqa: E402
-from vdit_sparse.reference_model import (  # noqa: E402
+from vdit_sparse.geometry import LatentGrid, TokenLayout
+from vdit_sparse.pipelines.cogvideox import attention_inputs
+from vdit_sparse.reference_model import (
     DEFAULT_WEIGHTS_PATH,
     REFERENCE_CALL_ARGS,
     build_reference_pipeline,
 )
-from vdit_sparse.video import frames_to_array  # noqa: E402
+from vdit_sparse.video import frames_to_array
+
+REPO = Path(__file__).resolve().parents[2]
 
 DEFAULT_PROMPTS = (
     "red circle moving right",
@@ -62,27 +62,14 @@ MAP_FRAMES = 4  # relative frame offsets -4..4 drawn
 MAP_RADIUS = 7  # relative row/column offsets -7..7 drawn
 
 
-def joint_attention(attn, tokens: torch.Tensor, text_len: int, rotary) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention probabilities ``(B, H, S, S)`` and values ``(B, H, S, D)`` of a CogVideoX ``attn1``.
+def joint_attention(attn, hidden_states, encoder_hidden_states, image_rotary_emb) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention probabilities ``(B, H, S, S)`` and values ``(B, H, S, D)`` of a CogVideoX ``attn1``
+    over ``[text | video]``, text first.
 
-    ``tokens`` are its text and video inputs joined, text first, ``(B, S, C)``; q and k
-    are recomputed as ``CogVideoXAttnProcessor2_0`` computes them (to_q/to_k/to_v,
-    per-head LayerNorm, RoPE ``rotary`` on the video part), in float32.
+    q, k, v come from :func:`vdit_sparse.pipelines.cogvideox.attention_inputs` (as
+    ``CogVideoXAttnProcessor2_0`` computes them); the probabilities are computed in float32.
     """
-    from diffusers.models.embeddings import apply_rotary_emb
-
-    heads = attn.heads
-    weights = [(m.weight.float(), None if m.bias is None else m.bias.float()) for m in (attn.to_q, attn.to_k, attn.to_v)]
-    q, k, v = (torch.nn.functional.linear(tokens.float(), w, b) for w, b in weights)
-    q, k, v = (x.view(x.shape[0], -1, heads, x.shape[-1] // heads).transpose(1, 2) for x in (q, k, v))
-    if attn.norm_q is not None:
-        q = torch.nn.functional.layer_norm(q, q.shape[-1:], attn.norm_q.weight.float(), attn.norm_q.bias.float(), attn.norm_q.eps)
-    if attn.norm_k is not None:
-        k = torch.nn.functional.layer_norm(k, k.shape[-1:], attn.norm_k.weight.float(), attn.norm_k.bias.float(), attn.norm_k.eps)
-    if rotary is not None:
-        rotary32 = tuple(r.float() for r in rotary)
-        q = torch.cat([q[:, :, :text_len], apply_rotary_emb(q[:, :, text_len:], rotary32)], dim=2)
-        k = torch.cat([k[:, :, :text_len], apply_rotary_emb(k[:, :, text_len:], rotary32)], dim=2)
+    q, k, v = (x.float() for x in attention_inputs(attn, hidden_states, encoder_hidden_states, image_rotary_emb))
     # SDPA's default scale, as the processor uses
     return torch.softmax(q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5, dim=-1), v
 
@@ -154,8 +141,6 @@ class AttentionStructure:
                 return
             hidden, text = kwargs["hidden_states"], kwargs["encoder_hidden_states"]
             rotary = kwargs.get("image_rotary_emb")
-            # the conditional branch is the last batch element (CFG batches [uncond, cond])
-            tokens = torch.cat([text, hidden], dim=1)[-1:].float()
             text_len, heads = text.shape[1], attn.heads
             if text_len != self.layout.text_length or hidden.shape[1] != self.layout.grid.num_tokens:
                 raise ValueError(
@@ -163,7 +148,8 @@ class AttentionStructure:
                     f"the layout {self.layout}; call the pipeline at REFERENCE_CALL_ARGS sizes"
                 )
             with torch.no_grad():
-                probs, v = joint_attention(attn, tokens, text_len, rotary)
+                # the conditional branch is the last batch element (CFG batches [uncond, cond])
+                probs, v = joint_attention(attn, hidden[-1:], text[-1:], rotary)
                 probs = probs[0]  # (H, S, S)
                 self._pending[layer] = (probs @ v[0]).transpose(0, 1).reshape(1, -1, heads * v.shape[-1])
                 video = probs[:, text_len:].cpu().double()  # video queries, all keys

@@ -23,7 +23,7 @@ queries put on each word's token, averaged over the queries on the shape
 puts the most mass on each word. A word the model uses has a head that reads
 it from the shape's tokens. Runs on the CPU in about 6 minutes (2 cores)::
 
-    python scripts/word_sensitivity.py     # docs/reference-word-sensitivity.json
+    python -m scripts.reference_model.word_sensitivity     # docs/reference-word-sensitivity.json
 """
 
 from __future__ import annotations
@@ -32,22 +32,18 @@ import argparse
 import copy
 import datetime
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # run from a checkout without installing
-sys.path.insert(0, str(REPO / "scripts"))
+from vdit_sparse.metrics import relative_l2
+from vdit_sparse.reference_model import DEFAULT_WEIGHTS_PATH, REFERENCE_CALL_ARGS, build_reference_pipeline
 
-from check_prompt_adherence import CHROMATIC, SINGLE_SHAPE  # noqa: E402
-from sample_reference_model import joint_attention  # noqa: E402
-from train_reference_model import COLOURS, DIRECTIONS, SHAPES, ShapeVideos, latent_coverage  # noqa: E402
+from .sample import joint_attention
+from .videos import CHROMATIC, COLOURS, SHAPES, SINGLE_SHAPE, ShapeVideos, latent_coverage
 
-from vdit_sparse.metrics import relative_l2  # noqa: E402
-from vdit_sparse.reference_model import DEFAULT_WEIGHTS_PATH, REFERENCE_CALL_ARGS, build_reference_pipeline  # noqa: E402
+REPO = Path(__file__).resolve().parents[2]
 
 WORDS = ("colour", "shape", "direction")
 OPPOSITE = {"left": "right", "right": "left", "up": "down", "down": "up"}
@@ -146,7 +142,7 @@ def word_attention(
 
     def hook(attn, args, kwargs):
         hidden, text = kwargs["hidden_states"], kwargs["encoder_hidden_states"]
-        probs, _ = joint_attention(attn, torch.cat([text, hidden], dim=1), text.shape[1], kwargs.get("image_rotary_emb"))
+        probs, _ = joint_attention(attn, hidden, text, kwargs.get("image_rotary_emb"))
         on_text = probs[:, :, text.shape[1] :, : text.shape[1]]  # (B, H, video queries, text keys)
         by_word = torch.cat([on_text[..., : len(PROMPT_TOKENS)], on_text[..., len(PROMPT_TOKENS) :].sum(-1, keepdim=True)], -1)
         masses = []

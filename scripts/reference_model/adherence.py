@@ -31,7 +31,7 @@ trip through the model's VAE. Its accuracy there is the ceiling for the model.
 Writes a JSON report and a PNG grid of the first repeat (rows: colours,
 columns: directions; in each cell frames 0, 8 and 16)::
 
-    python scripts/check_prompt_adherence.py --device cuda     # docs/reference-adherence.{json,png}
+    python -m scripts.reference_model.adherence --device cuda     # docs/reference-adherence.{json,png}
 
 ``--frames 1`` samples stills instead (the first frame alone, as the training
 script's ``--still-share`` steps see it): colour and shape are judged, direction
@@ -44,8 +44,6 @@ import argparse
 import datetime
 import json
 import math
-import re
-import sys
 import time
 from itertools import product
 from pathlib import Path
@@ -54,16 +52,22 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # run from a checkout without installing
-sys.path.insert(0, str(REPO / "scripts"))
+from vdit_sparse.reference_model import DEFAULT_WEIGHTS_PATH, REFERENCE_CALL_ARGS, build_reference_pipeline
+from vdit_sparse.video import frames_to_array
 
-from train_reference_model import COLOURS, DIRECTIONS, SHAPES, ShapeVideos, shape_distance, shape_distances  # noqa: E402
+from .videos import (
+    CHROMATIC,
+    COLOURS,
+    DIRECTIONS,
+    SHAPES,
+    SINGLE_SHAPE,
+    ShapeVideos,
+    shape_distance,
+    shape_distances,
+)
 
-from vdit_sparse.reference_model import DEFAULT_WEIGHTS_PATH, REFERENCE_CALL_ARGS, build_reference_pipeline  # noqa: E402
-from vdit_sparse.video import frames_to_array  # noqa: E402
+REPO = Path(__file__).resolve().parents[2]
 
-CHROMATIC = ("red", "orange", "yellow", "green", "blue", "purple", "pink")
 PALETTE = np.array([COLOURS[name] for name in CHROMATIC], dtype=np.float32)
 MIN_SATURATION = 0.3
 MAX_DISTANCE = 0.3
@@ -71,7 +75,6 @@ MIN_PIXELS = 3
 SHAPE_ANGLES = 36  # template rotations tried, 10 degrees apart
 MIN_SHAPE_PIXELS = 30  # frames with a smaller mask, or one touching the border, are not used for the shape
 SHAPE_FRAME_STRIDE = 3  # every third frame with the colour is matched against the templates
-SINGLE_SHAPE = re.compile(rf"^({'|'.join(CHROMATIC)}) ({'|'.join(SHAPES)}) moving ({'|'.join(DIRECTIONS)})(, camera pans \w+)?$")
 
 
 def colour_masks(video: np.ndarray) -> np.ndarray:

@@ -1,0 +1,272 @@
+"""Full-size transformer step time on one GPU: dense, the attention-free floor, and svg.
+
+Builds the real-size transformer from its config with random bf16 weights
+(speed does not depend on the weights), feeds real-size inputs and times one
+transformer forward (median of ``--repeats``, after an untimed warm-up
+forward that builds plans and tunes kernels) per configuration:
+
+- ``dense``: the model's own processors under cuDNN SDPA;
+- ``floor``: the same with attention replaced by a copy of v (what a step
+  costs without attention: the ceiling of any attention method);
+- ``svg-<d>``: Sparse VideoGen at density d, first layer dense, heads
+  classified at every step (``reprofile_every: 1``, the most expensive);
+- ``svg-<d>-spatial``: every head forced spatial (no classification, no token
+  order): the difference to ``svg-<d>`` is the cost of classifying and of the
+  layout transformation.
+
+For one sparse forward, torch.profiler counts the host synchronisations
+(``cudaStreamSynchronize`` / ``cudaDeviceSynchronize``) inside the
+transformer forward and the ``aten::copy_`` calls, beside the same counts of
+the dense forward.  The timestep is passed as the pipelines pass it, a view
+of the scheduler's timesteps, so the step is found as in a real run.  The
+50-step total is composed as ``warm-up dense steps + the rest at the headline
+density`` and compared with 50 dense steps.
+
+    python scripts/bench_step.py --model cogvideox-5b --out benchmarks/results/step-cogvideox-5b-h200.json
+    python scripts/bench_step.py --model hunyuan-video --densities 0.2 --warmup-steps 3 \\
+        --out benchmarks/results/step-hunyuan-video-h200.json
+
+``--layers``, ``--frames``, ``--height`` and ``--width`` shrink the model and
+the inputs (smoke tests on a CPU: ``--device cpu --dtype float32``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import platform
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+# CogVideoX-5B's transformer config (THUDM/CogVideoX-5b, transformer/config.json).
+COGVIDEOX_5B = dict(
+    num_attention_heads=48, attention_head_dim=64, in_channels=16, out_channels=16, num_layers=42,
+    text_embed_dim=4096, time_embed_dim=512, sample_width=90, sample_height=60, sample_frames=49,
+    patch_size=2, temporal_compression_ratio=4, max_text_seq_length=226, activation_fn="gelu-approximate",
+    timestep_activation_fn="silu", norm_elementwise_affine=True, norm_eps=1e-5, spatial_interpolation_scale=1.875,
+    temporal_interpolation_scale=1.0, use_rotary_positional_embeddings=True, use_learned_positional_embeddings=False,
+)
+# Latent inputs per model: 49 frames at 480x720 -> 13 x 60 x 90 latents, B = 2 (batched CFG);
+# 129 frames at 720x1280 -> 33 x 90 x 160 latents, B = 1.
+SHAPES = {"cogvideox-5b": dict(frames=13, height=60, width=90), "hunyuan-video": dict(frames=33, height=90, width=160)}
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", choices=sorted(SHAPES), required=True)
+    parser.add_argument("--densities", type=float, nargs="+", default=[0.25])
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--warmup-steps", type=int, default=10, help="dense steps of the composed 50-step run")
+    parser.add_argument("--repeats", type=int, default=3, help="timed forwards per configuration (median)")
+    parser.add_argument("--layers", type=int, default=None, help="fewer layers (smoke tests)")
+    parser.add_argument("--frames", type=int, default=None, help="latent frames")
+    parser.add_argument("--height", type=int, default=None, help="latent height")
+    parser.add_argument("--width", type=int, default=None, help="latent width")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    parser.add_argument("--out", type=Path, required=True)
+    return parser.parse_args()
+
+
+def build(args):
+    """(transformer, forward keyword arguments without the timestep, pipe-like object with a scheduler)."""
+    dtype, device = getattr(torch, args.dtype), torch.device(args.device)
+    shape = {**SHAPES[args.model], **{k: getattr(args, k) for k in ("frames", "height", "width") if getattr(args, k)}}
+    generator = torch.Generator(device=device).manual_seed(0)
+
+    def randn(*size):
+        return torch.randn(*size, generator=generator, device=device, dtype=dtype)
+
+    if args.model == "cogvideox-5b":
+        from diffusers import CogVideoXDPMScheduler, CogVideoXTransformer3DModel
+        from diffusers.pipelines.cogvideo.pipeline_cogvideox import CogVideoXPipeline
+
+        config = dict(COGVIDEOX_5B, **({"num_layers": args.layers} if args.layers else {}))
+        with device:
+            model = CogVideoXTransformer3DModel(**config).to(dtype).eval()
+        fake_pipe = SimpleNamespace(vae_scale_factor_spatial=8, transformer=model)
+        rotary = CogVideoXPipeline._prepare_rotary_positional_embeddings(
+            fake_pipe, shape["height"] * 8, shape["width"] * 8, shape["frames"], device
+        )
+        inputs = dict(
+            hidden_states=randn(2, shape["frames"], 16, shape["height"], shape["width"]),
+            encoder_hidden_states=randn(2, 226, 4096),
+            image_rotary_emb=rotary,
+        )
+        scheduler = CogVideoXDPMScheduler(timestep_spacing="trailing")
+        batch = 2
+    else:
+        from diffusers import FlowMatchEulerDiscreteScheduler, HunyuanVideoTransformer3DModel
+
+        layers = {} if args.layers is None else {"num_layers": args.layers, "num_single_layers": 2 * args.layers}
+        with device:
+            model = HunyuanVideoTransformer3DModel(**layers).to(dtype).eval()
+        config = model.config
+        text_len, real_text = 256, 40
+        mask = torch.zeros(1, text_len, dtype=torch.bool, device=device)
+        mask[:, :real_text] = True
+        inputs = dict(
+            hidden_states=randn(1, config.in_channels, shape["frames"], shape["height"], shape["width"]),
+            encoder_hidden_states=randn(1, text_len, config.text_embed_dim),
+            encoder_attention_mask=mask,
+            pooled_projections=randn(1, config.pooled_projection_dim),
+            guidance=torch.tensor([6000.0], device=device, dtype=dtype),
+        )
+        scheduler = FlowMatchEulerDiscreteScheduler(shift=7.0)
+        batch = 1
+    scheduler.set_timesteps(args.steps, device=device)
+    pipe = SimpleNamespace(transformer=model, scheduler=scheduler, current_timestep=None)
+    return model, inputs, pipe, batch, shape
+
+
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def forward(model, inputs, pipe, batch: int, step: int):
+    # As the pipelines do: the transformer gets a view of the schedule's entry.
+    timestep = pipe.scheduler.timesteps[step]
+    pipe.current_timestep = timestep
+    model(**inputs, timestep=timestep.expand(batch), return_dict=False)
+
+
+def timed(model, inputs, pipe, batch, step, repeats, device) -> float:
+    forward(model, inputs, pipe, batch, step)  # warm-up: plans, autotuning, lazy initialisation
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        forward(model, inputs, pipe, batch, step)
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def profile_counts(model, inputs, pipe, batch, step, device) -> dict:
+    """Host synchronisations and copies inside one transformer forward (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+    with profile(activities=activities) as prof:
+        forward(model, inputs, pipe, batch, step)
+        synchronize(device)
+    syncs, copies, copy_us, total_us = {}, 0, 0.0, 0.0
+    for event in prof.events():
+        if "Synchronize" in event.name:
+            syncs[event.name] = syncs.get(event.name, 0) + 1
+        if event.name == "aten::copy_":
+            copies += 1
+    for row in prof.key_averages():
+        device_us = getattr(row, "self_device_time_total", getattr(row, "self_cuda_time_total", 0.0))
+        total_us += device_us
+        if row.key == "aten::copy_":
+            copy_us = getattr(row, "device_time_total", getattr(row, "cuda_time_total", 0.0))
+    # The last synchronize() of the profiled region is ours, outside the forward.
+    outside = 1 if device.startswith("cuda") else 0
+    return {
+        "host_syncs_in_forward": max(sum(syncs.values()) - outside, 0),
+        "sync_events": syncs,
+        "copy_calls": copies,
+        "copy_device_share": copy_us / total_us if total_us else None,
+    }
+
+
+@contextlib.contextmanager
+def attention_replaced_by_a_copy():
+    """SDPA returns a copy of v: the step without attention (the processors call it at call time)."""
+    original = torch.nn.functional.scaled_dot_product_attention
+
+    def copy_of_value(*args, **kwargs):  # diffusers passes query=, key=, value= by name
+        return (kwargs["value"] if "value" in kwargs else args[2]).clone()
+
+    torch.nn.functional.scaled_dot_product_attention = copy_of_value
+    try:
+        yield
+    finally:
+        torch.nn.functional.scaled_dot_product_attention = original
+
+
+def main():
+    args = parse_args()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from vdit_sparse import accelerate_pipeline
+
+    torch.manual_seed(0)
+    model, inputs, pipe, batch, shape = build(args)
+    step = min(args.warmup_steps + 1, args.steps - 1)  # a step past the warm-up
+    on_gpu = args.device.startswith("cuda")
+    results: dict = {
+        "gpu": torch.cuda.get_device_name() if on_gpu else platform.processor(),
+        "torch": torch.__version__,
+        "triton": __import__("triton").__version__,
+        "diffusers": __import__("diffusers").__version__,
+        "python": platform.python_version(),
+        "date": datetime.date.today().isoformat(),
+        "model": f"{type(model).__name__}, {args.model} config, random {args.dtype} weights",
+        "batch": batch,
+        "latent_shape": shape,
+        "repeats": args.repeats,
+    }
+    dense_backends = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
+    sdpa = sdpa_kernel(dense_backends, set_priority=True) if on_gpu else contextlib.nullcontext()
+    configs: dict[str, dict] = {}
+    with torch.no_grad(), sdpa:
+        with accelerate_pipeline(pipe, "dense") as handle:  # the model's own processors: dense
+            configs["dense"] = {"step_s": timed(model, inputs, pipe, batch, step, args.repeats, args.device)}
+            configs["dense"].update(profile_counts(model, inputs, pipe, batch, step, args.device))
+            results["sequence"] = handle._step.layout.seq_len
+            results["num_layers"], results["num_heads"] = handle.num_layers, handle.num_heads
+        print(f"dense: {configs['dense']['step_s']:.3f} s")
+        with attention_replaced_by_a_copy():
+            configs["floor"] = {"step_s": timed(model, inputs, pipe, batch, step, args.repeats, args.device)}
+        print(f"floor (attention replaced by a copy): {configs['floor']['step_s']:.3f} s")
+        for density in args.densities:
+            for head_kind in ("auto", "spatial"):
+                name = f"svg-{density}" + ("" if head_kind == "auto" else "-spatial")
+                profile = {"name": name, "method": "svg", "dense_layers": [0],
+                           "params": {"density": density, "head_kind": head_kind, "reprofile_every": 1}}
+                with accelerate_pipeline(pipe, profile) as handle:
+                    seconds = timed(model, inputs, pipe, batch, step, args.repeats, args.device)
+                    row = {"density": density, "head_kind": head_kind, "step_s": seconds,
+                           "speedup": configs["dense"]["step_s"] / seconds}
+                    row.update(profile_counts(model, inputs, pipe, batch, step, args.device))
+                    summary = handle.summary()
+                    row["computed_fraction"] = summary["computed_fraction"]
+                    row["state_bytes_after_forward"] = handle.state.nbytes()
+                configs[name] = row
+                print(f"{name}: {seconds:.3f} s, {row['speedup']:.2f}x, computed {row['computed_fraction']:.3f}, "
+                      f"host syncs in forward {row['host_syncs_in_forward']}")
+    results["configs"] = configs
+    dense = configs["dense"]["step_s"]
+    headline = f"svg-{args.densities[0]}"
+    classified, forced = configs[headline]["step_s"], configs[f"{headline}-spatial"]["step_s"]
+    results["classification_and_layout"] = {
+        "density": args.densities[0],
+        "classified_step_s": classified,
+        "forced_spatial_step_s": forced,
+        "overhead_s": classified - forced,
+        "classified_over_forced": classified / forced,
+    }
+    sparse_total = args.warmup_steps * dense + (args.steps - args.warmup_steps) * classified
+    results["composed"] = {
+        "schedule": f"{args.warmup_steps} of {args.steps} steps dense, first layer dense, svg density "
+        f"{args.densities[0]} on the rest, classified every step",
+        "dense_total_s": args.steps * dense,
+        "sparse_total_s": sparse_total,
+        "speedup": args.steps * dense / sparse_total,
+    }
+    print(json.dumps({k: results[k] for k in ("classification_and_layout", "composed")}, indent=2))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
