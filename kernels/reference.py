@@ -15,6 +15,7 @@ __all__ = [
     "indices_to_block_mask",
     "block_sparse_attention_reference",
     "gather_rows_reference",
+    "masked_row_errors_reference",
     "permute_tokens_reference",
 ]
 
@@ -99,3 +100,35 @@ def permute_tokens_reference(x: torch.Tensor, perm: torch.Tensor, inverse: bool 
     from .indices import permutation_table
 
     return gather_rows_reference(x, permutation_table(perm, heads, x.shape[1], x.shape[2]), scatter=inverse)
+
+
+def masked_row_errors_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    rows: torch.Tensor,
+    masks: torch.Tensor,
+    key_padding_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """float32 ``(B, H, M)``: what :func:`~vdit_sparse.kernels.row_errors.masked_row_errors` computes.
+
+    One pass of scores over the sampled rows serves every output: the
+    unnormalised probabilities ``exp(s - max)`` are shared, and each output is
+    its masked numerator over its masked denominator.  Matrix products run in
+    q's dtype (probabilities rounded to it), the softmax and the errors in
+    float32.
+    """
+    scores = torch.matmul(q[:, :, rows], k.transpose(-1, -2)).float()  # (B, H, R, S)
+    scores.mul_(q.shape[-1] ** -0.5)
+    if key_padding_mask is not None:
+        scores.masked_fill_(~key_padding_mask[:, None, None, :], float("-inf"))
+    scores.sub_(scores.amax(dim=-1, keepdim=True)).exp_()
+    probs = scores.to(v.dtype)
+    del scores
+
+    def output(weights: torch.Tensor) -> torch.Tensor:
+        return torch.matmul(weights, v).float() / weights.sum(dim=-1, dtype=torch.float32)[..., None]
+
+    exact = output(probs)
+    errors = [(output(probs * mask) - exact).pow(2).mean(dim=(-1, -2)) for mask in masks]
+    return torch.stack(errors, dim=-1)

@@ -149,30 +149,35 @@ def timed(model, inputs, pipe, batch, step, repeats, device) -> float:
 
 
 def profile_counts(model, inputs, pipe, batch, step, device) -> dict:
-    """Host synchronisations and copies inside one transformer forward (torch.profiler)."""
-    from torch.profiler import ProfilerActivity, profile
+    """Host synchronisations and copies inside one transformer forward (torch.profiler).
+
+    Counted within the forward's own range, so the profiler's and our own
+    synchronisations around it are left out.
+    """
+    from torch.profiler import ProfilerActivity, profile, record_function
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
     with profile(activities=activities) as prof:
-        forward(model, inputs, pipe, batch, step)
+        with record_function("transformer_forward"):
+            forward(model, inputs, pipe, batch, step)
         synchronize(device)
-    syncs, copies, copy_us, total_us = {}, 0, 0.0, 0.0
-    for event in prof.events():
-        if "Synchronize" in event.name:
+    events = prof.events()
+    span = next(e for e in events if e.name == "transformer_forward" and e.device_type.name == "CPU").time_range
+    inside = [e for e in events if e.device_type.name == "CPU" and span.start <= e.time_range.start <= span.end]
+    syncs: dict[str, int] = {}
+    for event in inside:
+        if "Synchronize" in event.name or event.name in ("aten::_local_scalar_dense", "cudaMemcpy"):
             syncs[event.name] = syncs.get(event.name, 0) + 1
-        if event.name == "aten::copy_":
-            copies += 1
+    copy_us = total_us = 0.0
     for row in prof.key_averages():
         device_us = getattr(row, "self_device_time_total", getattr(row, "self_cuda_time_total", 0.0))
         total_us += device_us
         if row.key == "aten::copy_":
-            copy_us = getattr(row, "device_time_total", getattr(row, "cuda_time_total", 0.0))
-    # The last synchronize() of the profiled region is ours, outside the forward.
-    outside = 1 if device.startswith("cuda") else 0
+            copy_us = device_us
     return {
-        "host_syncs_in_forward": max(sum(syncs.values()) - outside, 0),
+        "host_syncs_in_forward": sum(n for name, n in syncs.items() if "Synchronize" in name),
         "sync_events": syncs,
-        "copy_calls": copies,
+        "copy_calls": sum(1 for e in inside if e.name == "aten::copy_"),
         "copy_device_share": copy_us / total_us if total_us else None,
     }
 

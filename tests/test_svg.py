@@ -106,12 +106,12 @@ def test_classification_of_planted_heads():
     block = 16
     mask = diagonal_band_block_mask(layout, block, band_half_width(layout, 0.25))
     rows = sample_rows(layout, 64, "cpu")
-    spatial_rows, temporal_rows = row_masks(layout, mask, rows, block, block)
+    masks = torch.stack(row_masks(layout, mask, rows, block, block))
     correct = total = 0
     for seed in range(4):
         kinds = ["spatial", "temporal"] * 8
         q, k, v = planted_qkv(layout, kinds, batch=2, head_dim=32, noise=CLASSIFICATION_NOISE, seed=seed)
-        temporal = classify_heads(q, k, v, rows, spatial_rows, temporal_rows)
+        temporal = classify_heads(q, k, v, rows, masks)
         planted = torch.tensor([kind == "temporal" for kind in kinds]).expand(2, -1)
         correct += (temporal == planted).sum().item()
         total += planted.numel()

@@ -16,8 +16,9 @@ output rows itself.  Text rows and columns stay dense.
 
 Which kind a head is comes from online profiling: ``num_samples`` query rows,
 spread over the whole video, get their exact attention output and the output
-under each of the two masks; the kind with the smaller mean squared error
-wins, per head and per batch element (conditional and unconditional halves of
+under each of the two masks (one fused kernel on the GPU,
+:mod:`vdit_sparse.kernels.row_errors`); the kind with the smaller mean
+squared error wins, per head and per batch element (conditional and unconditional halves of
 a CFG batch may differ).  The decision never leaves the GPU: it selects, per
 (batch, head), the token order of the plan (``query_rows``), and keys and
 values are gathered into it for every head (the identity order for spatial
@@ -117,34 +118,24 @@ def classify_heads(
     k: torch.Tensor,
     v: torch.Tensor,
     rows: torch.Tensor,
-    spatial_rows: torch.Tensor,
-    temporal_rows: torch.Tensor,
+    row_masks: torch.Tensor,
     key_padding_mask: torch.Tensor | None = None,
+    backend: str = "reference",
 ) -> torch.Tensor:
     """Bool ``(B, H)``: True where a head is better served by the temporal mask than the spatial one.
 
-    ``rows`` are the sampled query positions and ``spatial_rows`` /
-    ``temporal_rows`` their ``(R, S)`` token masks (:func:`row_masks`).  One
-    pass of scores over the sampled rows serves all three outputs: the
-    unnormalised probabilities ``exp(s - max)`` are shared, and each output
-    is its masked numerator over its masked denominator.  Matrix products run
-    in q's dtype, the softmax and the errors in float32.
+    ``rows`` are the sampled query positions and ``row_masks`` bool ``(2, R,
+    S)`` their spatial and temporal token masks (:func:`row_masks`).  On the
+    Triton backend one fused kernel streams keys and values once
+    (:mod:`vdit_sparse.kernels.row_errors`); the reference computes the same
+    in plain PyTorch.  Nothing is read back to the host.
     """
-    scores = torch.matmul(q[:, :, rows], k.transpose(-1, -2)).float()  # (B, H, R, S)
-    scores.mul_(q.shape[-1] ** -0.5)
-    if key_padding_mask is not None:
-        scores.masked_fill_(~key_padding_mask[:, None, None, :], float("-inf"))
-    scores.sub_(scores.amax(dim=-1, keepdim=True)).exp_()
-    probs = scores.to(v.dtype)
-    del scores
-    outputs = []
-    for mask in (None, spatial_rows, temporal_rows):
-        weights = probs if mask is None else probs * mask
-        outputs.append(torch.matmul(weights, v).float() / weights.sum(dim=-1, dtype=torch.float32)[..., None])
-    exact, spatial, temporal = outputs
-    spatial_error = (spatial - exact).pow(2).mean(dim=(-1, -2))
-    temporal_error = (temporal - exact).pow(2).mean(dim=(-1, -2))
-    return temporal_error < spatial_error
+    if backend == "triton":
+        from ..kernels.row_errors import masked_row_errors as errors_of
+    else:
+        from ..kernels.reference import masked_row_errors_reference as errors_of
+    errors = errors_of(q, k, v, rows, row_masks, key_padding_mask)
+    return errors[..., 1] < errors[..., 0]
 
 
 @dataclass(eq=False)
@@ -155,8 +146,7 @@ class _LayoutParts:
     order: torch.Tensor  # int32 (1, 1, S): frame-major -> position-major
     identity: torch.Tensor  # int32 (1, 1, S)
     rows: torch.Tensor  # sampled query positions
-    spatial_rows: torch.Tensor  # (R, S) token masks of those rows
-    temporal_rows: torch.Tensor
+    row_masks: torch.Tensor  # bool (2, R, S): spatial and temporal token masks of those rows
 
 
 @register_method
@@ -168,12 +158,11 @@ class SVGMethod(BlockSparseMethod):
         width = band_half_width(layout, self.params.density)
         band = diagonal_band_block_mask(layout, block_m, width, kv_block_size=block_n, device=device)
         rows = sample_rows(layout, self.params.num_samples, device)
-        spatial_rows, temporal_rows = row_masks(layout, band, rows, block_m, block_n)
         order = frame_to_position_permutation(layout, device=device).to(torch.int32)
         return _LayoutParts(
             HeadPlan.from_block_mask(band[None, None], block_m, block_n),
             order.view(1, 1, -1), torch.arange(layout.seq_len, dtype=torch.int32, device=device).view(1, 1, -1),
-            rows, spatial_rows, temporal_rows,
+            rows, torch.stack(row_masks(layout, band, rows, block_m, block_n)),
         )
 
     def plan(self, q, k, v, call: AttentionCall) -> HeadPlan:
@@ -188,7 +177,7 @@ class SVGMethod(BlockSparseMethod):
         state, step = call.state, call.step.step_index
         temporal = state.get("temporal")
         if temporal is None or temporal.shape != (batch, heads) or not 0 <= step - state["decided_at"] < self.params.reprofile_every:
-            temporal = classify_heads(q, k, v, parts.rows, parts.spatial_rows, parts.temporal_rows, call.key_padding_mask)
+            temporal = classify_heads(q, k, v, parts.rows, parts.row_masks, call.key_padding_mask, call.backend)
             state.update(temporal=temporal, decided_at=step)
         rows = torch.where(temporal[..., None], parts.order, parts.identity)  # (B, h, S), on the device
         return HeadPlan(band.kv_block_indices, band.kv_block_counts, band.block_m, band.block_n, band.density, rows)
