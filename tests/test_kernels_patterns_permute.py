@@ -168,3 +168,15 @@ def test_frame_position_round_trip_keeps_text_and_accepts_views():
 def test_permute_tokens_bad_arguments(perm, heads, match):
     with pytest.raises(ValueError, match=match):
         permute_tokens(_x(), perm.to(DEVICE), heads=None if heads is None else heads.to(DEVICE))
+
+
+def test_a_layout_derives_each_token_order_once():
+    """Every layer of every forward at one layout gets the same permutation tensor, built once."""
+    from vdit_sparse.geometry import POSITION_MAJOR
+
+    layout = TokenLayout(LatentGrid(3, 2, 4), 5, "suffix")
+    first = layout.order(POSITION_MAJOR)
+    assert layout.order(POSITION_MAJOR) is first
+    assert TokenLayout(LatentGrid(3, 2, 4), 5, "suffix").order(POSITION_MAJOR) is first  # an equal layout, another forward
+    assert torch.equal(first[-5:], torch.arange(24, 29))  # text keeps its place
+    assert torch.equal(first[:3], torch.tensor([0, 8, 16]))  # position 0 of frames 0, 1, 2

@@ -13,12 +13,13 @@ sequence (text + video), ``D`` head dim, ``F`` latent frames.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
-__all__ = ["LatentGrid", "TokenLayout", "num_blocks"]
+__all__ = ["LatentGrid", "TokenLayout", "TokenOrder", "PositionMajor", "POSITION_MAJOR", "num_blocks"]
 
 
 @dataclass(frozen=True)
@@ -91,11 +92,55 @@ class TokenLayout:
         frames[self.video_start : self.video_end] = video
         return frames
 
+    def order(self, order: TokenOrder, device: torch.device | str | None = None) -> torch.Tensor:
+        """The permutation that puts this sequence in ``order``, derived once per layout, order and device.
+
+        Every layer of every forward at this layout gets the same tensor: treat it as read-only.
+        """
+        return _order_permutation(self, order, str(torch.device(device if device is not None else "cpu")))
+
     def is_text(self, device: torch.device | str | None = None) -> torch.Tensor:
         """Boolean ``(S,)``: True where the token is text."""
         flags = torch.zeros(self.seq_len, dtype=torch.bool, device=device)
         flags[self.text_start : self.text_end] = True
         return flags
+
+
+class TokenOrder:
+    """An order of the attention sequence that some heads attend in (text tokens keep their places).
+
+    Subclasses are frozen dataclasses (hashable: a layout caches each order's
+    permutation) and implement :meth:`permutation`.
+    """
+
+    def permutation(self, layout: "TokenLayout") -> torch.Tensor:
+        """int64 ``(S,)`` on the CPU: position ``i`` of the ordered sequence holds token ``perm[i]``."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class PositionMajor(TokenOrder):
+    """The video span transposed from frame-major to position-major: the frames of one position are neighbours.
+
+    Video token (frame ``f``, spatial position ``p``) goes to video offset
+    ``p * frames + f`` (Sparse VideoGen's layout transformation).
+    """
+
+    def permutation(self, layout):
+        grid = layout.grid
+        perm = torch.arange(layout.seq_len, dtype=torch.long)
+        new_offset = torch.arange(grid.num_tokens)
+        position, frame = new_offset // grid.frames, new_offset % grid.frames
+        perm[layout.video_start : layout.video_end] = layout.video_start + frame * grid.tokens_per_frame + position
+        return perm
+
+
+POSITION_MAJOR = PositionMajor()
+
+
+@functools.lru_cache(maxsize=128)
+def _order_permutation(layout: "TokenLayout", order: TokenOrder, device: str) -> torch.Tensor:
+    return order.permutation(layout).to(device)
 
 
 def num_blocks(length: int, block_size: int) -> int:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from .geometry import TokenLayout, num_blocks
+from .geometry import POSITION_MAJOR, TokenLayout, num_blocks
 
 __all__ = [
     "block_frame_ranges",
@@ -125,14 +125,10 @@ def frame_to_position_permutation(layout: TokenLayout, device=None) -> torch.Ten
 
     ``x[..., perm, :]`` puts video token (frame ``f``, spatial position ``p``)
     at video offset ``p * frames + f``; text tokens keep their places.  So the
-    frames of one spatial position become neighbours.
+    frames of one spatial position become neighbours.  Derived once per layout
+    and device (:meth:`TokenLayout.order`); read-only.
     """
-    grid = layout.grid
-    perm = torch.arange(layout.seq_len, dtype=torch.long, device=device)
-    new_offset = torch.arange(grid.num_tokens, device=device)
-    position, frame = new_offset // grid.frames, new_offset % grid.frames
-    perm[layout.video_start : layout.video_end] = layout.video_start + frame * grid.tokens_per_frame + position
-    return perm
+    return layout.order(POSITION_MAJOR, device)
 
 
 def temporal_band_block_mask(

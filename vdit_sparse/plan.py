@@ -91,11 +91,6 @@ class HeadPlan:
             expand(self.query_rows),
         )
 
-    def nbytes(self) -> int:
-        """Memory the plan's tensors hold (expanded views count once)."""
-        tensors = (self.kv_block_indices, self.kv_block_counts, self.query_rows)
-        return sum(t.untyped_storage().nbytes() for t in tensors if t is not None)
-
 
 def dense_plan(seq_len: int, heads: int, block_m: int, block_n: int, device) -> HeadPlan:
     """Every query block attends to every key block (views of one row: no memory per head or block)."""

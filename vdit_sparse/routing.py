@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from .context import AttentionCall, StateStore
-from .methods import AttentionMethod, DenseMethod
+from .methods import AttentionMethod
 from .methods.block_sparse import block_sizes_for, resolve_backend
 from .plan import HeadPlan, combine_plans, dense_plan, run_plan
 
@@ -43,11 +43,6 @@ class LayerRouting:
         self.block_size = params[0].block_size if params else None
         self.backend = params[0].backend if params else "auto"
         self._local: dict[tuple, list] = {}
-
-    @property
-    def is_dense(self) -> bool:
-        """Every head is dense: the layer always runs the model's own processor."""
-        return all(isinstance(g.method, DenseMethod) for g in self.groups)
 
     def uses_model_processor(self, call: AttentionCall) -> bool:
         return all(g.method.uses_model_processor(call) for g in self.groups)
