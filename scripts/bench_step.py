@@ -14,6 +14,11 @@ forward that builds plans and tunes kernels) per configuration:
   order): the difference to ``svg-<d>`` is the cost of classifying and of the
   layout transformation.
 
+``--compile-configs`` times the same under ``torch.compile(transformer)``
+(applied after vdit-sparse, as the README says): the first call's time
+(compilation included), whether the next two steps recompile (they run with
+recompilation forbidden), the graph breaks, and the compiled step time.
+
 For one sparse forward, torch.profiler counts the host synchronisations
 (``cudaStreamSynchronize`` / ``cudaDeviceSynchronize``) inside the
 transformer forward and the ``aten::copy_`` calls, beside the same counts of
@@ -22,7 +27,8 @@ of the scheduler's timesteps, so the step is found as in a real run.  The
 50-step total is composed as ``warm-up dense steps + the rest at the headline
 density`` and compared with 50 dense steps.
 
-    python scripts/bench_step.py --model cogvideox-5b --out benchmarks/results/step-cogvideox-5b-h200.json
+    python scripts/bench_step.py --model cogvideox-5b --compile-configs dense svg \\
+        --out benchmarks/results/step-cogvideox-5b-h200.json
     python scripts/bench_step.py --model hunyuan-video --densities 0.2 --warmup-steps 3 \\
         --out benchmarks/results/step-hunyuan-video-h200.json
 
@@ -42,6 +48,8 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
+import torch._dynamo
+from torch._dynamo.utils import counters
 
 # CogVideoX-5B's transformer config (THUDM/CogVideoX-5b, transformer/config.json).
 COGVIDEOX_5B = dict(
@@ -51,6 +59,7 @@ COGVIDEOX_5B = dict(
     timestep_activation_fn="silu", norm_elementwise_affine=True, norm_eps=1e-5, spatial_interpolation_scale=1.875,
     temporal_interpolation_scale=1.0, use_rotary_positional_embeddings=True, use_learned_positional_embeddings=False,
 )
+CONFIGS = ("dense", "floor", "svg", "svg-spatial")
 # Latent inputs per model: 49 frames at 480x720 -> 13 x 60 x 90 latents, B = 2 (batched CFG);
 # 129 frames at 720x1280 -> 33 x 90 x 160 latents, B = 1.
 SHAPES = {"cogvideox-5b": dict(frames=13, height=60, width=90), "hunyuan-video": dict(frames=33, height=90, width=160)}
@@ -63,6 +72,10 @@ def parse_args():
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--warmup-steps", type=int, default=10, help="dense steps of the composed 50-step run")
     parser.add_argument("--repeats", type=int, default=3, help="timed forwards per configuration (median)")
+    parser.add_argument("--configs", nargs="*", default=["dense", "floor", "svg", "svg-spatial"],
+                        choices=CONFIGS, help="eager configurations to time")
+    parser.add_argument("--compile-configs", nargs="*", default=[], choices=CONFIGS,
+                        help="configurations to time under torch.compile(transformer)")
     parser.add_argument("--layers", type=int, default=None, help="fewer layers (smoke tests)")
     parser.add_argument("--frames", type=int, default=None, help="latent frames")
     parser.add_argument("--height", type=int, default=None, help="latent height")
@@ -197,15 +210,60 @@ def attention_replaced_by_a_copy():
         torch.nn.functional.scaled_dot_product_attention = original
 
 
+def measure(model, inputs, pipe, batch, step, args, profile, compiled: bool) -> dict:
+    """One configuration: the step time, and (eager) its profiler counts or (compiled) its compile figures.
+
+    ``profile`` None is the untouched model.  Compiled, the first forward
+    compiles (its time is reported), then forwards at the next two steps run
+    with recompilation forbidden, then the timed ones.
+    """
+    from vdit_sparse import accelerate_pipeline
+
+    handle = accelerate_pipeline(pipe, profile) if profile is not None else None
+    try:
+        row: dict = {}
+        if compiled:
+            torch._dynamo.reset()
+            runner = torch.compile(model)
+            synchronize(args.device)
+            start = time.perf_counter()
+            forward(runner, inputs, pipe, batch, step)
+            synchronize(args.device)
+            row["first_call_s"] = time.perf_counter() - start
+            torch._dynamo.config.error_on_recompile = True
+            try:
+                for later in (step + 1, step + 2):
+                    forward(runner, inputs, pipe, batch, later)
+                row["recompiled_after_first_call"] = False
+            except Exception as error:  # a recompile raises here
+                row["recompiled_after_first_call"] = str(error).splitlines()[0]
+            finally:
+                torch._dynamo.config.error_on_recompile = False
+            row["graph_breaks"] = {reason.splitlines()[0][:120]: n for reason, n in counters["graph_break"].items()}
+        else:
+            runner = model
+        row["step_s"] = timed(runner, inputs, pipe, batch, step, args.repeats, args.device)
+        if not compiled:
+            row.update(profile_counts(runner, inputs, pipe, batch, step, args.device))
+        if handle is not None:
+            summary = handle.summary()
+            row["computed_fraction"] = summary["computed_fraction"]
+            row["state_bytes_after_forward"] = handle.state.nbytes()
+        return row
+    finally:
+        if handle is not None:
+            handle.remove()
+
+
 def main():
     args = parse_args()
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from vdit_sparse import accelerate_pipeline
+    from vdit_sparse.pipelines import find_adapter
 
     torch.manual_seed(0)
     model, inputs, pipe, batch, shape = build(args)
-    step = min(args.warmup_steps + 1, args.steps - 1)  # a step past the warm-up
+    step = min(args.warmup_steps + 1, args.steps - 4)  # a step past the warm-up
     on_gpu = args.device.startswith("cuda")
     results: dict = {
         "gpu": torch.cuda.get_device_name() if on_gpu else platform.processor(),
@@ -217,57 +275,65 @@ def main():
         "model": f"{type(model).__name__}, {args.model} config, random {args.dtype} weights",
         "batch": batch,
         "latent_shape": shape,
+        "sequence": find_adapter(pipe).token_layout(model, {**inputs, "timestep": None}).seq_len,
         "repeats": args.repeats,
     }
     dense_backends = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
     sdpa = sdpa_kernel(dense_backends, set_priority=True) if on_gpu else contextlib.nullcontext()
+
+    def svg(density: float, head_kind: str) -> dict:
+        return {"name": f"svg-{density}-{head_kind}", "method": "svg", "dense_layers": [0],
+                "params": {"density": density, "head_kind": head_kind, "reprofile_every": 1}}
+
     configs: dict[str, dict] = {}
     with torch.no_grad(), sdpa:
-        with accelerate_pipeline(pipe, "dense") as handle:  # the model's own processors: dense
-            configs["dense"] = {"step_s": timed(model, inputs, pipe, batch, step, args.repeats, args.device)}
-            configs["dense"].update(profile_counts(model, inputs, pipe, batch, step, args.device))
-            results["sequence"] = handle._step.layout.seq_len
-            results["num_layers"], results["num_heads"] = handle.num_layers, handle.num_heads
-        print(f"dense: {configs['dense']['step_s']:.3f} s")
-        with attention_replaced_by_a_copy():
-            configs["floor"] = {"step_s": timed(model, inputs, pipe, batch, step, args.repeats, args.device)}
-        print(f"floor (attention replaced by a copy): {configs['floor']['step_s']:.3f} s")
-        for density in args.densities:
-            for head_kind in ("auto", "spatial"):
-                name = f"svg-{density}" + ("" if head_kind == "auto" else "-spatial")
-                profile = {"name": name, "method": "svg", "dense_layers": [0],
-                           "params": {"density": density, "head_kind": head_kind, "reprofile_every": 1}}
-                with accelerate_pipeline(pipe, profile) as handle:
-                    seconds = timed(model, inputs, pipe, batch, step, args.repeats, args.device)
-                    row = {"density": density, "head_kind": head_kind, "step_s": seconds,
-                           "speedup": configs["dense"]["step_s"] / seconds}
-                    row.update(profile_counts(model, inputs, pipe, batch, step, args.device))
-                    summary = handle.summary()
-                    row["computed_fraction"] = summary["computed_fraction"]
-                    row["state_bytes_after_forward"] = handle.state.nbytes()
-                configs[name] = row
-                print(f"{name}: {seconds:.3f} s, {row['speedup']:.2f}x, computed {row['computed_fraction']:.3f}, "
-                      f"host syncs in forward {row['host_syncs_in_forward']}")
+        for compiled in (False, True):
+            mode = "compiled" if compiled else "eager"
+            wanted = args.compile_configs if compiled else args.configs
+            prefix = "compiled-" if compiled else ""
+            runs = []
+            if "dense" in wanted:
+                runs.append(("dense", None, {}))
+            if "floor" in wanted:
+                runs.append(("floor", None, {}))
+            for density in args.densities:
+                if "svg" in wanted:
+                    runs.append((f"svg-{density}", svg(density, "auto"), {"density": density}))
+                if "svg-spatial" in wanted:
+                    runs.append((f"svg-{density}-spatial", svg(density, "spatial"), {"density": density}))
+            for name, profile, extra in runs:
+                with attention_replaced_by_a_copy() if name == "floor" else contextlib.nullcontext():
+                    row = {"mode": mode, **extra, **measure(model, inputs, pipe, batch, step, args, profile, compiled)}
+                configs[prefix + name] = row
+                print(f"{prefix + name}: {row['step_s']:.3f} s" + "".join(
+                    f", {key} {row[key]}" for key in ("first_call_s", "recompiled_after_first_call", "computed_fraction",
+                                                       "host_syncs_in_forward") if key in row
+                ))
     results["configs"] = configs
-    dense = configs["dense"]["step_s"]
+    for name, row in configs.items():
+        if "dense" in configs and name != "dense":
+            row["speedup_over_eager_dense"] = configs["dense"]["step_s"] / row["step_s"]
+        if "compiled-dense" in configs and name.startswith("compiled-") and name != "compiled-dense":
+            row["speedup_over_compiled_dense"] = configs["compiled-dense"]["step_s"] / row["step_s"]
     headline = f"svg-{args.densities[0]}"
-    classified, forced = configs[headline]["step_s"], configs[f"{headline}-spatial"]["step_s"]
-    results["classification_and_layout"] = {
-        "density": args.densities[0],
-        "classified_step_s": classified,
-        "forced_spatial_step_s": forced,
-        "overhead_s": classified - forced,
-        "classified_over_forced": classified / forced,
-    }
-    sparse_total = args.warmup_steps * dense + (args.steps - args.warmup_steps) * classified
-    results["composed"] = {
-        "schedule": f"{args.warmup_steps} of {args.steps} steps dense, first layer dense, svg density "
-        f"{args.densities[0]} on the rest, classified every step",
-        "dense_total_s": args.steps * dense,
-        "sparse_total_s": sparse_total,
-        "speedup": args.steps * dense / sparse_total,
-    }
-    print(json.dumps({k: results[k] for k in ("classification_and_layout", "composed")}, indent=2))
+    if headline in configs and f"{headline}-spatial" in configs:
+        classified, forced = configs[headline]["step_s"], configs[f"{headline}-spatial"]["step_s"]
+        results["classification_and_layout"] = {
+            "density": args.densities[0], "classified_step_s": classified, "forced_spatial_step_s": forced,
+            "overhead_s": classified - forced, "classified_over_forced": classified / forced,
+        }
+    for sparse_name, dense_name in ((headline, "dense"), (f"compiled-{headline}", "compiled-dense")):
+        if sparse_name in configs and dense_name in configs:
+            dense, sparse = configs[dense_name]["step_s"], configs[sparse_name]["step_s"]
+            sparse_total = args.warmup_steps * dense + (args.steps - args.warmup_steps) * sparse
+            results.setdefault("composed", {})[sparse_name] = {
+                "schedule": f"{args.warmup_steps} of {args.steps} steps {dense_name}, then {sparse_name} "
+                "(first layer dense, heads classified every step)",
+                "dense_total_s": args.steps * dense,
+                "sparse_total_s": sparse_total,
+                "speedup": args.steps * dense / sparse_total,
+            }
+    print(json.dumps({k: results[k] for k in ("classification_and_layout", "composed") if k in results}, indent=2))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {args.out}")

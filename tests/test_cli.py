@@ -170,3 +170,11 @@ def test_inspect_reads_the_counts_from_a_model(capsys):
 def test_inspect_without_counts_is_one_line(capsys):
     assert main(["inspect", "cogvideox-5b"]) == 2
     assert "pass --model, or --layers and --heads" in one_line_error(capsys)
+
+
+def test_generate_compiles_the_accelerated_transformer(tmp_path):
+    out = tmp_path / "compiled.mp4"
+    assert main(["generate", "--model", "embedded:cogvideox", "--profile", "sliding-frames", "--steps", "2",
+                 "--compile", "--out", str(out)]) == 0
+    summary = json.loads(out.with_suffix(".json").read_text())
+    assert summary["compiled"] and summary["attention"]["calls"]["sliding_frames"] > 0

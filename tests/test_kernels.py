@@ -63,7 +63,7 @@ def random_plan(batch_plans, heads, seq_len, block_m, block_n, density, gen):
 def _cases():
     rng = random.Random(1234)
     cases = []
-    shapes = [(1, 1, 64, 32), (2, 3, 161, 64), (1, 2, 300, 64), (3, 2, 97, 32), (2, 2, 130, 128), (1, 4, 225, 64)]
+    shapes = [(1, 1, 64, 32), (2, 3, 161, 64), (1, 2, 300, 64), (3, 2, 97, 32), (2, 2, 130, 128), (1, 4, 225, 64), (2, 2, 90, 16)]
     densities = [0.25, 0.5, 1.0, 0.1]
     dtypes = [torch.float32, torch.bfloat16, torch.float16]
     for i, (B, H, S, D) in enumerate(shapes):

@@ -181,14 +181,17 @@ class _FeedForwardHook(ModelHook):
         self.handle, self.site, self.method = handle, site, method
 
     def new_forward(self, module, hidden_states, *args, **kwargs):
+        output = self._method_output(hidden_states)
+        return output if output is not None else self.fn_ref.original_forward(hidden_states, *args, **kwargs)
+
+    @torch.compiler.disable
+    def _method_output(self, hidden_states):
         step = self.handle._step
         if step is not None and not self.handle._removed:
             key = (self.site.layer_index, step.call_kind, "feed_forward", self.site.stream)
             call = FeedForwardCall(self.site.layer_index, self.site.stream, step, self.handle.state.slot(key))
-            output = self.method.feed_forward(self.site, hidden_states, call)
-            if output is not None:
-                return output
-        return self.fn_ref.original_forward(hidden_states, *args, **kwargs)
+            return self.method.feed_forward(self.site, hidden_states, call)
+        return None
 
 
 class AccelerationHandle:
@@ -300,6 +303,11 @@ class AccelerationHandle:
 
     # -- the step context, fed by the transformer's forward pre-hook ------------------
 
+    # The decisions below (which step, which path, which plan) are Python over the handle's state:
+    # under torch.compile they run eagerly (one graph break each) instead of becoming guards that
+    # would recompile the transformer at every step.  See README, "torch.compile".
+
+    @torch.compiler.disable
     def _on_forward(self, transformer, args, kwargs) -> None:
         self._check_processors()
         self._begin_forward(transformer, args, kwargs)
@@ -337,6 +345,7 @@ class AccelerationHandle:
 
     # -- the dispatcher side that processors call ----------------------------------
 
+    @torch.compiler.disable
     def route(self, layer_index: int, batch: int, heads: int, key_padding_mask: torch.Tensor | None,
               head_offset: int = 0) -> AttentionCall | None:
         """The call to hand to :meth:`attend`, or None when the model's own processor should run it."""
@@ -349,6 +358,7 @@ class AccelerationHandle:
             return None
         return call
 
+    @torch.compiler.disable
     def attend(self, q, k, v, call: AttentionCall) -> torch.Tensor:
         seq_len = call.layout.seq_len
         if q.shape[-2] != seq_len:
