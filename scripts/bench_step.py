@@ -8,6 +8,9 @@ forward that builds plans and tunes kernels) per configuration:
 - ``dense``: the model's own processors under cuDNN SDPA;
 - ``floor``: the same with attention replaced by a copy of v (what a step
   costs without attention: the ceiling of any attention method);
+- ``floor-qk``: the same, but the stand-in reads q and k too: compiled, a
+  plain copy lets inductor drop the q and k projections (see
+  :func:`attention_replaced`);
 - ``svg-<d>``: Sparse VideoGen at density d, first layer dense, heads
   classified at every step (``reprofile_every: 1``, the most expensive);
 - ``svg-<d>-spatial``: every head forced spatial (no classification, no token
@@ -59,7 +62,7 @@ COGVIDEOX_5B = dict(
     timestep_activation_fn="silu", norm_elementwise_affine=True, norm_eps=1e-5, spatial_interpolation_scale=1.875,
     temporal_interpolation_scale=1.0, use_rotary_positional_embeddings=True, use_learned_positional_embeddings=False,
 )
-CONFIGS = ("dense", "floor", "svg", "svg-spatial")
+CONFIGS = ("dense", "floor", "floor-qk", "svg", "svg-spatial")
 # Latent inputs per model: 49 frames at 480x720 -> 13 x 60 x 90 latents, B = 2 (batched CFG);
 # 129 frames at 720x1280 -> 33 x 90 x 160 latents, B = 1.
 SHAPES = {"cogvideox-5b": dict(frames=13, height=60, width=90), "hunyuan-video": dict(frames=33, height=90, width=160)}
@@ -196,12 +199,19 @@ def profile_counts(model, inputs, pipe, batch, step, device) -> dict:
 
 
 @contextlib.contextmanager
-def attention_replaced_by_a_copy():
-    """SDPA returns a copy of v: the step without attention (the processors call it at call time)."""
+def attention_replaced(keep_queries_and_keys: bool = False):
+    """SDPA returns a copy of v: the step without attention (the processors call it at call time).
+
+    Compiled, a copy of v leaves q and k unused, and inductor drops their
+    projections, norms and rotary embedding: a floor lower than any attention
+    method can reach.  ``keep_queries_and_keys`` returns ``v + 1e-30 * (q + k)``
+    instead, which keeps them computed at the cost of one elementwise pass.
+    """
     original = torch.nn.functional.scaled_dot_product_attention
 
     def copy_of_value(*args, **kwargs):  # diffusers passes query=, key=, value= by name
-        return (kwargs["value"] if "value" in kwargs else args[2]).clone()
+        q, k, v = (kwargs[name] if name in kwargs else args[i] for i, name in enumerate(("query", "key", "value")))
+        return v + 1e-30 * (q + k) if keep_queries_and_keys else v.clone()
 
     torch.nn.functional.scaled_dot_product_attention = copy_of_value
     try:
@@ -294,15 +304,15 @@ def main():
             runs = []
             if "dense" in wanted:
                 runs.append(("dense", None, {}))
-            if "floor" in wanted:
-                runs.append(("floor", None, {}))
+            runs += [(name, None, {}) for name in ("floor", "floor-qk") if name in wanted]
             for density in args.densities:
                 if "svg" in wanted:
                     runs.append((f"svg-{density}", svg(density, "auto"), {"density": density}))
                 if "svg-spatial" in wanted:
                     runs.append((f"svg-{density}-spatial", svg(density, "spatial"), {"density": density}))
             for name, profile, extra in runs:
-                with attention_replaced_by_a_copy() if name == "floor" else contextlib.nullcontext():
+                floor = attention_replaced(name == "floor-qk") if name.startswith("floor") else contextlib.nullcontext()
+                with floor:
                     row = {"mode": mode, **extra, **measure(model, inputs, pipe, batch, step, args, profile, compiled)}
                 configs[prefix + name] = row
                 print(f"{prefix + name}: {row['step_s']:.3f} s" + "".join(
