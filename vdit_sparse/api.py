@@ -12,10 +12,12 @@ Example::
     # leaving the block (or handle.remove()) restores the pipeline exactly
 
 What it changes: the processors of the transformer's self-attention modules
-(swapped for routing processors that keep the originals) and one diffusers
-``ModelHook`` on the transformer that turns each forward's inputs into a
-:class:`~vdit_sparse.context.StepContext`.  Nothing else in the pipeline, and
-nothing process-wide, is touched.
+(swapped for routing processors that keep the originals), a PyTorch forward
+pre-hook on the transformer that turns each forward's inputs into a
+:class:`~vdit_sparse.context.StepContext`, a diffusers ``ModelHook`` on the
+first attention module that hears the end of every pipeline call, and, for a
+method that computes feed-forwards, a ``ModelHook`` on each feed-forward
+module.  Nothing else in the pipeline, and nothing process-wide, is touched.
 """
 
 from __future__ import annotations
