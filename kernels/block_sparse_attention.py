@@ -38,6 +38,7 @@ import triton.language as tl
 
 from ._triton_runtime import is_hopper, kernel_for
 from .block_sizes import SUPPORTED_BLOCK_SIZES, default_block_sizes
+from .indices import check_row_table
 
 __all__ = ["block_sparse_attention", "default_block_sizes"]
 
@@ -313,19 +314,7 @@ def block_sparse_attention(
     """
     _check_inputs(q, k, v, kv_block_indices, kv_block_counts, block_m, block_n, key_padding_mask)
     if query_rows is not None:
-        batch, heads, seq_len = q.shape[:3]
-        if (
-            not isinstance(query_rows, torch.Tensor)
-            or query_rows.dtype != torch.int32
-            or query_rows.dim() != 3
-            or query_rows.shape[0] not in (1, batch)
-            or tuple(query_rows.shape[1:]) != (heads, seq_len)
-            or query_rows.device != q.device
-        ):
-            got = (query_rows.dtype, tuple(query_rows.shape), str(query_rows.device)) if isinstance(query_rows, torch.Tensor) else type(query_rows).__name__
-            raise ValueError(
-                f"query_rows must be an int32 tensor (1 or B, H, S) = (1 or {batch}, {heads}, {seq_len}) on {q.device}, got {got}"
-            )
+        check_row_table("query_rows", query_rows, *q.shape[:3], q.device)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     out, lse = _block_sparse_attention_op(
         q, k, v, kv_block_indices, kv_block_counts, block_m, block_n, scale, key_padding_mask, query_rows, return_lse

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["block_mask_to_indices", "block_density", "permutation_table"]
+__all__ = ["block_mask_to_indices", "block_density", "check_row_table", "permutation_table"]
 
 
 def block_mask_to_indices(block_mask: torch.Tensor, max_kv_blocks: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,3 +67,17 @@ def permutation_table(perm: torch.Tensor, heads: torch.Tensor | None, num_heads:
         identity = torch.arange(seq_len, device=perm.device, dtype=perm.dtype)
         perm = torch.where(selected[..., None], perm, identity)
     return perm.reshape(-1, num_heads, seq_len).to(torch.int32).contiguous()
+
+
+def check_row_table(name: str, rows, batch: int, heads: int, seq_len: int, device: torch.device) -> None:
+    """Refuse a per-(batch, head) token table that is not int32 ``(1 or B, H, S)`` on ``device``."""
+    if (
+        not isinstance(rows, torch.Tensor)
+        or rows.dtype != torch.int32
+        or rows.dim() != 3
+        or rows.shape[0] not in (1, batch)
+        or tuple(rows.shape[1:]) != (heads, seq_len)
+        or rows.device != device
+    ):
+        got = (rows.dtype, tuple(rows.shape), str(rows.device)) if isinstance(rows, torch.Tensor) else type(rows).__name__
+        raise ValueError(f"{name} must be an int32 tensor (1 or B, H, S) = (1 or {batch}, {heads}, {seq_len}) on {device}, got {got}")

@@ -25,7 +25,7 @@ from vdit_sparse.geometry import TokenLayout
 from vdit_sparse.patterns import frame_to_position_permutation
 
 from ._triton_runtime import kernel_for
-from .indices import permutation_table
+from .indices import check_row_table, permutation_table
 
 __all__ = ["gather_rows", "permute_tokens", "permutation_table", "frame_to_position", "position_to_frame"]
 
@@ -73,16 +73,7 @@ def gather_rows(x: torch.Tensor, rows: torch.Tensor, *, scatter: bool = False) -
     batch, num_heads, seq_len, head_dim = x.shape
     if head_dim & (head_dim - 1) or head_dim > 256:
         raise ValueError(f"head dim (x.shape[-1]) must be a power of two <= 256, got {head_dim}")
-    if (
-        not isinstance(rows, torch.Tensor)
-        or rows.dtype != torch.int32
-        or rows.dim() != 3
-        or rows.shape[0] not in (1, batch)
-        or tuple(rows.shape[1:]) != (num_heads, seq_len)
-        or rows.device != x.device
-    ):
-        got = (rows.dtype, tuple(rows.shape), str(rows.device)) if isinstance(rows, torch.Tensor) else type(rows).__name__
-        raise ValueError(f"rows must be an int32 tensor (1 or B, H, S) = (1 or {batch}, {num_heads}, {seq_len}) on {x.device}, got {got}")
+    check_row_table("rows", rows, batch, num_heads, seq_len, x.device)
     return _gather_rows_op(x, rows.contiguous(), scatter)
 
 
