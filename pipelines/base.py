@@ -116,6 +116,24 @@ class PipelineAdapter:
         """Every block's feed-forward, in layer order (a block may have two: video and text)."""
         raise NotImplementedError
 
+    def blocks(self, transformer: torch.nn.Module) -> list[torch.nn.Module]:
+        """The transformer block that holds each attention module, in layer order.
+
+        Blocks are the entries of the transformer's top-level module lists
+        (``transformer_blocks``, ``single_transformer_blocks``, ...), which it
+        runs one after another in layer order.
+        """
+        owner: dict[int, torch.nn.Module] = {}
+        for child in transformer.children():
+            if isinstance(child, torch.nn.ModuleList):
+                for block in child:
+                    owner.update((id(module), block) for module in block.modules())
+        modules = self.attention_modules(transformer)
+        missing = [i for i, module in enumerate(modules) if id(module) not in owner]
+        if missing:
+            raise RuntimeError(f"{type(transformer).__name__}: attention layers {missing} sit in no top-level block list")
+        return [owner[id(module)] for module in modules]
+
     def num_heads(self, transformer: torch.nn.Module) -> int:
         return self.attention_modules(transformer)[0].heads
 

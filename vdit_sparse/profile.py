@@ -102,6 +102,8 @@ class Profile:
     dense_warmup_fraction: Optional[float] = None
     dense_layers: List[int] = field(default_factory=list)
     layers: Dict[int, LayerOverride] = field(default_factory=dict)
+    #: Where the profile came from (``vdit-sparse search`` writes its model, prompts, settings and date); not read.
+    provenance: Dict[str, Any] = field(default_factory=dict)
 
 
 def builtin_profiles() -> list[str]:

@@ -10,11 +10,13 @@ from .base import AttentionMethod, get_method_class, method_names, register_meth
 from .dense import DenseMethod, SkipMethod
 from .block_sparse import BlockSparseMethod, SlidingFramesMethod
 from .svg import SVGMethod
+from .svdit import SVDiTMethod
 
 __all__ = [
     "AttentionMethod",
     "BlockSparseMethod",
     "DenseMethod",
+    "SVDiTMethod",
     "SVGMethod",
     "SkipMethod",
     "SlidingFramesMethod",

@@ -1,0 +1,143 @@
+"""Sparse-vDiT: the static per-head modes, and the offline search that chooses them."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+
+from vdit_sparse import accelerate_pipeline
+from vdit_sparse.context import AttentionCall, RunStats, StateStore, StepContext
+from vdit_sparse.geometry import LatentGrid, TokenLayout
+from vdit_sparse.kernels.reference import expand_block_mask, indices_to_block_mask
+from vdit_sparse.methods.svdit import SVDiTMethod, format_column_ranges, mode_plan, parse_column_ranges
+from vdit_sparse.profile import ProfileError, load_profile
+from vdit_sparse.routing import HeadGroup, LayerRouting
+from vdit_sparse.search import SearchSettings, candidate_errors, choose_modes
+from vdit_sparse.synthetic import planted_qkv, planted_stripe_columns
+
+LAYOUT = TokenLayout(LatentGrid(5, 8, 8), 16, "prefix")
+BLOCK = 16
+
+
+# -- the modes -----------------------------------------------------------------------
+
+
+def svdit(**params) -> SVDiTMethod:
+    return SVDiTMethod(SVDiTMethod.parse_params({"block_size": BLOCK, **params}))
+
+
+MIXED = {  # head -> params: all five modes in one layer
+    0: {"mode": "diagonal", "density": 0.1},
+    1: {"mode": "multi_diagonal", "density": 0.2},
+    2: {"mode": "vertical_stripe", "columns": ["0-15", "100-120"]},
+    3: {"mode": "skip"},
+    4: {"mode": "dense"},
+    5: {"mode": "multi_diagonal", "density": 0.2},
+}
+
+
+def token_mask(params: dict) -> torch.Tensor:
+    """The (S, S) token mask a head's mode computes, from its block mask (in the head's own token order)."""
+    columns = None
+    if params["mode"] == "vertical_stripe":
+        offsets = torch.cat([torch.arange(a, b + 1) for a, b in parse_column_ranges(params["columns"])])
+        columns = LAYOUT.video_start + offsets
+    plan = mode_plan(LAYOUT, params["mode"], BLOCK, BLOCK, "cpu", density=params.get("density", 1.0), columns=columns)
+    blocks = indices_to_block_mask(plan.kv_block_indices, plan.kv_block_counts, math.ceil(LAYOUT.seq_len / BLOCK))[0, 0]
+    mask = expand_block_mask(blocks, BLOCK, BLOCK, LAYOUT.seq_len)
+    if plan.query_rows is not None:  # the mask holds in the permuted order: map it back to tokens
+        order = plan.query_rows[0, 0].long()
+        back = torch.empty_like(mask)
+        back[order[:, None], order[None, :]] = mask
+        mask = back
+    return mask
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_five_modes_in_one_layer_run_in_one_launch_and_match_each_head_alone(backend, monkeypatch):
+    from vdit_sparse.kernels import block_sparse_attention as kernel_module
+    from vdit_sparse.kernels._triton_runtime import interpreter_active
+
+    if backend == "triton" and not interpreter_active():
+        pytest.skip("triton was imported before TRITON_INTERPRET=1 was set")
+    launches = []
+    real = kernel_module.kernel_for
+    monkeypatch.setattr(kernel_module, "kernel_for", lambda f, d: launches.append(f) or real(f, d))
+    layer = LayerRouting(0, [HeadGroup(svdit(backend=backend, **params), (head,)) for head, params in MIXED.items()])
+    q, k, v = planted_qkv(LAYOUT, ["spatial", "temporal"] * 3, batch=2, head_dim=32, noise=0.5, seed=1)
+    call = AttentionCall(0, StepContext(3, 4, 1.0, 0, LAYOUT), None, RunStats())
+    out = layer.attend(q, k, v, call, StateStore())
+    if backend == "triton":
+        assert len(launches) == 1
+    for head, params in MIXED.items():
+        if params["mode"] == "skip":
+            assert out[:, head].abs().max() == 0
+            continue
+        expected = F.scaled_dot_product_attention(q[:, head], k[:, head], v[:, head], attn_mask=token_mask(params))
+        torch.testing.assert_close(out[:, head], expected, rtol=0, atol=1e-4, msg=f"head {head} {params}")
+    for head in (0, 1, 2):  # the sparse modes really are sparse
+        assert token_mask(MIXED[head]).float().mean() < 0.6
+
+
+def test_a_band_of_density_one_is_dense():
+    q, k, v = planted_qkv(LAYOUT, ["dense"] * 2, head_dim=32, seed=2)
+    expected = F.scaled_dot_product_attention(q, k, v)
+    for mode in ("diagonal", "multi_diagonal"):
+        layer = LayerRouting(0, [HeadGroup(svdit(mode=mode, density=1.0), (0, 1))])
+        call = AttentionCall(0, StepContext(3, 4, 1.0, 0, LAYOUT), None, RunStats())
+        torch.testing.assert_close(layer.attend(q, k, v, call, StateStore()), expected, rtol=0, atol=1e-5)
+
+
+def test_mode_parameters_are_checked_by_the_profile_loader():
+    def load(params):
+        return load_profile({"method": "svdit", "params": params})
+
+    with pytest.raises(ProfileError, match="mode"):
+        load({"mode": "diagonals"})
+    with pytest.raises(ProfileError, match="columns"):
+        load({"mode": "vertical_stripe"})
+    with pytest.raises(ProfileError, match="'9-3'"):
+        load({"mode": "vertical_stripe", "columns": ["9-3"]})
+    with pytest.raises(ProfileError, match="density"):
+        load({"mode": "diagonal", "density": 0})
+    assert parse_column_ranges(["0-3", "7"]) == [(0, 3), (7, 7)]
+    assert format_column_ranges(torch.tensor([7, 0, 1, 2, 3, 9, 10])) == ["0-3", "7", "9-10"]
+
+
+def test_stripe_columns_past_the_video_are_refused_when_the_layout_is_known():
+    layer = LayerRouting(0, [HeadGroup(svdit(mode="vertical_stripe", columns=["0-5000"]), tuple(range(2)))])
+    q = torch.zeros(1, 2, LAYOUT.seq_len, 32)
+    call = AttentionCall(0, StepContext(3, 4, 1.0, 0, LAYOUT), None, RunStats())
+    with pytest.raises(ValueError, match="reach video token 5000, but this call has 320"):
+        layer.attend(q, q, q, call, StateStore())
+
+
+# -- the search's choice on planted heads ------------------------------------------------
+
+
+def test_the_search_picks_the_planted_mode_for_planted_heads():
+    planted = ["diagonal", "multi_diagonal", "vertical_stripe", "dense", "skip"] * 12  # 60 heads
+    kinds = [kind if kind != "skip" else "spatial" for kind in planted]
+    q, k, v = planted_qkv(LAYOUT, kinds, batch=2, head_dim=32, noise=0.1, seed=3)
+    skipped = torch.tensor([kind == "skip" for kind in planted])
+    v[:, skipped] *= 1e-3  # a head whose output is negligible: skipping it costs nothing
+    settings = SearchSettings()
+    errors, costs, _ = candidate_errors(q, k, v, LAYOUT, settings, BLOCK, BLOCK)
+    candidates = settings.candidates()
+    chosen = [candidates[i][0] for i in choose_modes(errors, costs, settings)]
+    hits = sum(c == p for c, p in zip(chosen, planted))
+    assert hits / len(planted) >= 0.98, list(zip(planted, chosen))
+
+
+def test_stripe_candidates_take_the_planted_columns():
+    q, k, v = planted_qkv(LAYOUT, ["vertical_stripe"] * 4, head_dim=32, noise=0.1, seed=4)
+    settings = SearchSettings(modes=("vertical_stripe",), densities=(0.25,))
+    _, _, mass = candidate_errors(q, k, v, LAYOUT, settings, BLOCK, BLOCK)
+    planted = planted_stripe_columns(LAYOUT, 4, seed=4)  # (H, 4) sequence indices
+    top = mass.topk(4, dim=-1).indices
+    for head in range(4):
+        assert set((planted[head] // BLOCK).tolist()) <= set(top[head].tolist())
