@@ -42,7 +42,7 @@ def matching_density(layout: TokenLayout, target: float, block_m: int, block_n: 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--budget", type=float, default=0.55, help="target computed fraction of a sparse step")
+    parser.add_argument("--budget", type=float, default=0.4, help="target computed fraction of a sparse step")
     parser.add_argument("--out", type=Path, default=Path("profiles/reference-svdit.yaml"))
     parser.add_argument("--eval-dir", type=Path, default=Path("benchmarks/results/quality-svdit-reference"))
     parser.add_argument("--eval-seeds", type=int, nargs="+", default=[1])

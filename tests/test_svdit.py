@@ -141,3 +141,92 @@ def test_stripe_candidates_take_the_planted_columns():
     top = mass.topk(4, dim=-1).indices
     for head in range(4):
         assert set((planted[head] // BLOCK).tolist()) <= set(top[head].tolist())
+
+
+# -- the search on a pipeline ----------------------------------------------------------
+
+
+def _without_run_facts(profile: dict) -> dict:
+    """A searched profile without what differs between two runs of the same search (date, time, memory)."""
+    provenance = {key: value for key, value in profile["provenance"].items()
+                  if key not in ("date", "seconds", "host_max_rss_bytes", "device_max_allocated_bytes")}
+    return {**profile, "provenance": provenance}
+
+
+def test_search_command_on_the_reference_model_in_ci_time(tmp_path, capsys):
+    """``vdit-sparse search`` on the trained reference model: a profile that loads, runs sparse, and shows in inspect."""
+    import time
+
+    from vdit_sparse.cli import main
+    from vdit_sparse.reference_model import REFERENCE_CALL_ARGS, build_reference_pipeline
+
+    out = tmp_path / "searched.yaml"
+    start = time.perf_counter()
+    assert main(["search", "--out", str(out), "--prompt", "red circle moving right", "--steps", "10",
+                 "--budget", "0.5"]) == 0
+    seconds = time.perf_counter() - start
+    print(f"search on the reference model: {seconds:.1f} s")
+    assert seconds < 120  # the issue's CI bound; about 25 s on a 2-core machine
+    profile = yaml.safe_load(out.read_text())
+    provenance = profile["provenance"]
+    assert provenance["model"] == "embedded:reference" and provenance["prompts"] == ["red circle moving right"]
+    assert provenance["call_args"]["num_inference_steps"] == 10 and provenance["host_max_rss_bytes"] > 0
+    assert provenance["sparse_step_computed_fraction"] <= 0.5 + 1e-9
+    assert set(profile["layers"]) == set(range(6)) and all("sensitivity" in e for e in profile["layers"].values())
+    assert not (tmp_path / "searched.yaml.partial.pt").exists()  # a finished search leaves no partial file
+
+    pipe = build_reference_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    call = {**REFERENCE_CALL_ARGS, "num_inference_steps": 5}
+    with accelerate_pipeline(pipe, out) as handle:
+        pipe(prompt="red circle moving right", generator=torch.Generator().manual_seed(0), output_type="latent", **call)
+        assert handle.summary()["computed_fraction"] < 0.8
+    capsys.readouterr()
+    assert main(["inspect", str(out), "--png", str(tmp_path / "map.png")]) == 0
+    shown = capsys.readouterr().out
+    assert "sensitivity" in shown and "layer   5" in shown
+    assert (tmp_path / "map.png").stat().st_size > 0 and (tmp_path / "map-sensitivity.png").stat().st_size > 0
+
+
+def test_an_interrupted_search_resumes_from_its_partial_output(tmp_path, monkeypatch):
+    from vdit_sparse.reference_model import REFERENCE_CALL_ARGS, build_reference_pipeline
+    from vdit_sparse.search import search_profile
+
+    pipe = build_reference_pipeline()
+    prompts, call = ["red circle moving right", "blue square moving left"], {**REFERENCE_CALL_ARGS, "num_inference_steps": 4}
+    settings = SearchSettings(budget=0.6)
+    whole = search_profile(pipe, prompts, [0], call, settings, out=tmp_path / "whole.yaml", progress=False)
+
+    calls, real_call = [], type(pipe).__call__
+
+    def interrupted(self, *args, **kwargs):
+        calls.append(kwargs["prompt"])
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_call(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(pipe), "__call__", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        search_profile(pipe, prompts, [0], call, settings, out=tmp_path / "again.yaml", progress=False)
+    assert (tmp_path / "again.yaml.partial.pt").exists()
+    calls.clear()
+    monkeypatch.setattr(type(pipe), "__call__", lambda self, *a, **k: calls.append(k["prompt"]) or real_call(self, *a, **k))
+    resumed = search_profile(pipe, prompts, [0], call, settings, out=tmp_path / "again.yaml", progress=False)
+    assert calls[0] == prompts[1]  # the first prompt was not searched again (the later call captures sensitivity inputs)
+    assert _without_run_facts(resumed) == _without_run_facts(whole)
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--out", "profile.txt"], "ending in .yaml"),
+    (["--out", "p.yaml", "--budget", "0"], "budget must be in (0, 1]"),
+    (["--out", "p.yaml", "--modes", "diagonals"], "unknown modes"),
+    (["--out", "p.yaml", "--densities", "1.5"], "densities must be in (0, 1]"),
+])
+def test_search_arguments_are_checked_before_any_work(tmp_path, capsys, monkeypatch, extra, words):
+    from vdit_sparse import cli
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(cli, "_load_pipeline", lambda *a, **k: pytest.fail("loaded a model before checking"))
+    assert cli.main(["search", *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and words in err and "\n" not in err

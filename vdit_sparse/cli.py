@@ -4,6 +4,7 @@
 ``vdit-sparse profiles``  the built-in profiles and what they do
 ``vdit-sparse eval``      quality of profiles against dense: JSON, Markdown table, PNG plot
 ``vdit-sparse inspect``   the method of every (layer, head) of a profile, as text and PNG
+``vdit-sparse search``    search a Sparse-vDiT profile (one static pattern per head) on a model
 """
 
 from __future__ import annotations
@@ -72,8 +73,48 @@ def _build_parser() -> argparse.ArgumentParser:
                      help="read the layer and head counts from this model (hub id, directory or embedded:...)")
     ins.add_argument("--layers", type=int, default=None, help="attention layers (instead of --model)")
     ins.add_argument("--heads", type=int, default=None, help="heads per layer (instead of --model)")
-    ins.add_argument("--png", type=Path, default=None, help="also draw the map to this PNG")
+    ins.add_argument("--png", type=Path, default=None,
+                     help="also draw the map to this PNG (and the layer sensitivities, when the profile has them, "
+                     "to <name>-sensitivity.png)")
+    _add_search_parser(commands)
     return parser
+
+
+def _add_search_parser(commands) -> None:
+    from .search import SearchSettings
+
+    defaults = SearchSettings()
+    se = commands.add_parser("search", help="search a Sparse-vDiT profile: one static pattern per (layer, head)")
+    se.add_argument("--model", default=DEFAULT_MODEL,
+                    help=f"hub id, local directory or embedded:... (default {DEFAULT_MODEL})")
+    se.add_argument("--out", type=Path, required=True, help="the profile YAML to write")
+    se.add_argument("--name", default=None, help="the profile's name (default: the --out file name)")
+    se.add_argument("--prompt", action="append", dest="prompts", default=None,
+                    help="a prompt; repeat for several (default: the fixed set in vdit_sparse.evaluate)")
+    se.add_argument("--prompts-file", type=Path, default=None, help="text file with one prompt a line")
+    se.add_argument("--seeds", type=int, nargs="+", default=[0])
+    se.add_argument("--frames", type=int, default=None, help="video frames (default: the model's demo size)")
+    se.add_argument("--height", type=int, default=None)
+    se.add_argument("--width", type=int, default=None)
+    se.add_argument("--steps", type=int, default=None, help="denoising steps of the search runs")
+    se.add_argument("--guidance-scale", type=float, default=None)
+    se.add_argument("--negative-prompt", default=None)
+    se.add_argument("--budget", type=float, default=defaults.budget,
+                    help="target fraction of attention work on a sparse step (0-1]: the most sensitive layers "
+                    "go dense and the cost weight is fitted to it (default: none, use --lam)")
+    se.add_argument("--lam", type=float, default=defaults.lam, help=f"cost weight (default {defaults.lam})")
+    se.add_argument("--epsilon", type=float, default=defaults.epsilon,
+                    help=f"largest error a chosen mode may have (default {defaults.epsilon})")
+    se.add_argument("--densities", type=float, nargs="+", default=list(defaults.densities),
+                    help="densities tried for bands and stripes")
+    se.add_argument("--modes", nargs="+", default=list(defaults.modes), help="modes tried (dense is always one)")
+    se.add_argument("--num-samples", type=int, default=defaults.num_samples, help="query rows sampled per call")
+    se.add_argument("--warmup-fraction", type=float, default=defaults.warmup_fraction,
+                    help="dense warm-up of the search runs and of the profile")
+    se.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    se.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                    help="default: bfloat16 on cuda, float32 on cpu")
+    se.add_argument("--no-resume", action="store_true", help="start over even when <out>.partial.pt exists")
 
 
 def _add_eval_parser(commands) -> None:
@@ -285,14 +326,9 @@ def _cmd_profiles(args) -> int:
     return 0
 
 
-def _cmd_eval(args) -> int:
-    import re
-
-    import torch
-
-    from .embedded import call_args_for
-    from .evaluate import DEFAULT_PROMPTS, evaluate_profiles, write_report
-    from .profile import load_profile
+def _prompts(args) -> list[str]:
+    """--prompt and --prompts-file together; the harness's fixed set when neither is given."""
+    from .evaluate import DEFAULT_PROMPTS
 
     prompts = list(args.prompts or [])
     if args.prompts_file is not None:
@@ -304,7 +340,53 @@ def _cmd_eval(args) -> int:
         if not from_file:
             raise UsageError(f"--prompts-file {str(args.prompts_file)!r} holds no prompt (one prompt a line)")
         prompts += from_file
-    prompts = prompts or list(DEFAULT_PROMPTS)
+    return prompts or list(DEFAULT_PROMPTS)
+
+
+def _cmd_search(args) -> int:
+    import torch
+
+    from .embedded import call_args_for
+    from .search import SearchSettings, search_profile
+
+    try:
+        settings = SearchSettings(
+            modes=tuple(args.modes), densities=tuple(args.densities), lam=args.lam, epsilon=args.epsilon,
+            num_samples=args.num_samples, warmup_fraction=args.warmup_fraction, budget=args.budget,
+        )
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    prompts = _prompts(args)
+    if args.out.suffix.lower() not in (".yaml", ".yml"):
+        raise UsageError(f"--out {str(args.out)!r}: expected a profile file name ending in .yaml")
+    _writable_dir(args.out.parent, "--out")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype_name = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+    call_args = _call_args(args, call_args_for(args.model))
+    pipe = _load_pipeline(args.model, dtype_name, device)
+    profile = search_profile(
+        pipe, prompts, args.seeds, call_args, settings, out=args.out, name=args.name or args.out.stem,
+        model_name=args.model, resume=not args.no_resume,
+    )
+    provenance = profile["provenance"]
+    print(
+        f"wrote {args.out}: {provenance['sparse_step_computed_fraction']:.3f} of the attention work of a sparse step, "
+        f"dense layers {profile['dense_layers']}, {provenance['seconds']:.0f} s"
+    )
+    print(f"see it with: vdit-sparse inspect {args.out} --png {args.out.with_suffix('.png')}")
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    import re
+
+    import torch
+
+    from .embedded import call_args_for
+    from .evaluate import evaluate_profiles, write_report
+    from .profile import load_profile
+
+    prompts = _prompts(args)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype_name = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
     call_args = _call_args(args, call_args_for(args.model))
@@ -327,7 +409,9 @@ def _cmd_eval(args) -> int:
 
 def _cmd_inspect(args) -> int:
     from .profile import load_profile
-    from .profile_map import format_method_map, method_map, write_method_map_png
+    from .profile_map import (
+        format_method_map, format_sensitivities, method_map, sensitivities, write_method_map_png, write_sensitivity_png,
+    )
 
     profile = load_profile(args.profile)
     spec = profile.profile.model
@@ -358,9 +442,16 @@ def _cmd_inspect(args) -> int:
     warmup = f"{steps} steps" if steps is not None else f"{fraction:g} of the steps" if fraction is not None else "none"
     print(f"profile '{profile.name}': {layers} layers x {heads} heads; dense warm-up: {warmup}")
     print(format_method_map(grid))
+    curve = sensitivities(profile, layers)
+    if any(value is not None for value in curve):
+        print(format_sensitivities(curve, profile.profile.dense_layers))
     if args.png is not None:
         write_method_map_png(grid, args.png, title=f"{profile.name}: method per (layer, head)")
         print(f"wrote {args.png}")
+        if any(value is not None for value in curve):
+            curve_png = args.png.with_name(args.png.stem + "-sensitivity.png")
+            write_sensitivity_png(curve, profile.profile.dense_layers, curve_png, title=f"{profile.name}: layer sensitivity")
+            print(f"wrote {curve_png}")
     return 0
 
 
@@ -375,6 +466,8 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_eval(args)
         if args.command == "inspect":
             return _cmd_inspect(args)
+        if args.command == "search":
+            return _cmd_search(args)
         return _cmd_profiles(args)
     except (ProfileError, UsageError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -15,24 +15,79 @@ from pathlib import Path
 
 from .profile import ResolvedProfile
 
-__all__ = ["method_map", "method_symbols", "format_method_map", "write_method_map_png"]
+__all__ = [
+    "method_map", "method_symbols", "format_method_map", "write_method_map_png", "sensitivities",
+    "format_sensitivities", "write_sensitivity_png",
+]
 
-# Fixed symbols for the built-in methods; other methods get the first free letter of their name.
-_SYMBOLS = {"dense": "D", "skip": "-", "svg": "S", "sliding_frames": "W"}
-_COLOURS = {"dense": (70, 70, 70), "skip": (235, 235, 235), "svg": (60, 130, 200), "sliding_frames": (90, 170, 90)}
+# Fixed symbols for the built-in methods (and Sparse-vDiT's modes); other methods get the first free letter of their name.
+_SYMBOLS = {"dense": "D", "skip": "-", "svg": "S", "sliding_frames": "W", "diagonal": "\\", "multi_diagonal": "M",
+            "vertical_stripe": "|"}
+_COLOURS = {"dense": (70, 70, 70), "skip": (235, 235, 235), "svg": (60, 130, 200), "sliding_frames": (90, 170, 90),
+            "diagonal": (220, 140, 50), "multi_diagonal": (170, 90, 170), "vertical_stripe": (60, 170, 170)}
 _OTHER_COLOURS = [(220, 140, 50), (170, 90, 170), (200, 70, 70), (60, 170, 170), (150, 150, 60)]
 
 
 def method_map(profile: ResolvedProfile, num_layers: int, num_heads: int) -> list[list[str]]:
-    """The method name of every head of every layer: ``grid[layer][head]`` (outside the warm-up steps)."""
+    """The method name of every head of every layer: ``grid[layer][head]`` (outside the warm-up steps).
+
+    Sparse-vDiT heads show their mode (``diagonal``, ``skip``, ...), so a searched profile's map is its mode map.
+    """
     grid = []
     for layer in range(num_layers):
         row = [""] * num_heads
         for group in profile.layer_groups(layer, num_heads):
+            label = getattr(group.params, "mode", None) if group.method.name == "svdit" else None
             for head in group.heads:
-                row[head] = group.method.name
+                row[head] = label or group.method.name
         grid.append(row)
     return grid
+
+
+def sensitivities(profile: ResolvedProfile, num_layers: int) -> list[float | None]:
+    """Each layer's recorded sensitivity (``layers.N.sensitivity``, from ``vdit-sparse search``), None where absent."""
+    recorded = profile.profile.layers
+    return [recorded[layer].sensitivity if layer in recorded else None for layer in range(num_layers)]
+
+
+def format_sensitivities(values: list[float | None], dense_layers: list[int]) -> str:
+    """One line per layer with its sensitivity and a bar, the dense layers marked."""
+    known = [v for v in values if v is not None]
+    top = max(known) if known else 1.0
+    lines = ["sensitivity (relative L2 of the output with only this layer sparse):"]
+    for layer, value in enumerate(values):
+        if value is None:
+            continue
+        bar = "#" * max(1, round(30 * value / top)) if top > 0 else ""
+        lines.append(f"layer {layer:>3}  {value:.4f}  {bar}" + ("  (dense)" if layer in dense_layers else ""))
+    return "\n".join(lines)
+
+
+def write_sensitivity_png(values: list[float | None], dense_layers: list[int], path: str | Path, title: str = "") -> Path:
+    """Sensitivity per layer as bars (dense layers dark), drawn with PIL."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default()
+    bar, gap, left, top, height = 10, 2, 50, 30, 200
+    width = max(left + len(values) * (bar + gap) + 20, left + int(font.getlength(title)) + 20)
+    image = Image.new("RGB", (width, top + height + 40), "white")
+    draw = ImageDraw.Draw(image)
+    draw.text((left, 8), title, fill="black", font=font)
+    peak = max([v for v in values if v is not None] or [1.0]) or 1.0
+    draw.text((4, top), f"{peak:.3g}", fill="black", font=font)
+    draw.text((4, top + height - 10), "0", fill="black", font=font)
+    for layer, value in enumerate(values):
+        if value is None:
+            continue
+        x = left + layer * (bar + gap)
+        y = top + height - round(height * value / peak)
+        colour = (70, 70, 70) if layer in dense_layers else (60, 130, 200)
+        draw.rectangle([x, y, x + bar - 1, top + height], fill=colour)
+    draw.text((left, top + height + 8), f"layer 0 .. {len(values) - 1}; dark: kept dense", fill="black", font=font)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path)
+    return path
 
 
 def method_symbols(grid: list[list[str]]) -> dict[str, str]:

@@ -25,9 +25,13 @@ most attention so far.
 Then the **sensitivity** of each layer: at one step of the first prompt, the
 relative L2 error of the transformer's output when only that layer runs its
 chosen modes (blocks before it are replayed from the dense pass, so a layer
-costs the forward of the blocks from it on).  Under a compute ``budget`` (the
-fraction of attention work of a sparse step), the most sensitive layers are
-made dense while the budget allows.
+costs the forward of the blocks from it on).  The final choice weights each
+layer's head errors by its sensitivity relative to the mean (an error in a
+layer whose errors reach the output more counts more) and, under a compute
+``budget`` (the fraction of attention work of a sparse step), fits ``lam``
+to it: the most sensitive layers keep the most dense heads, and a layer all
+of whose heads choose dense becomes a dense layer.  Refitting needs no new
+runs: the record of errors is kept.
 
 The result is a profile ``accelerate_pipeline`` reads unchanged, with the
 sensitivities and the provenance (model, prompts, seeds, call arguments,
@@ -84,7 +88,7 @@ class SearchSettings:
     #: Modes to try (dense is always a candidate).
     modes: tuple = MODES
     #: Densities tried for diagonal and multi-diagonal bands and for vertical stripes (share of key blocks).
-    densities: tuple = (0.05, 0.1, 0.2)
+    densities: tuple = (0.05, 0.1, 0.2, 0.3, 0.4, 0.6)
     #: Weight of the computed fraction in the loss ``error + lam * cost``.
     lam: float = 0.1
     #: Candidates with a larger error are not taken; a head whose every sparse candidate is above stays dense.
@@ -232,12 +236,13 @@ def candidate_errors(
     return relative, costs, mass
 
 
-def choose_modes(errors: torch.Tensor, costs: torch.Tensor, settings: SearchSettings) -> list[int]:
+def choose_modes(errors: torch.Tensor, costs: torch.Tensor, settings: SearchSettings, lam: float | None = None) -> list[int]:
     """Per head the index of the candidate minimising ``error + lam * cost`` among those with error <= epsilon
-    (dense, index 0, always qualifies)."""
-    loss = errors + settings.lam * costs
+    (dense, index 0, always qualifies); ``lam`` defaults to ``settings.lam``."""
+    lam = settings.lam if lam is None else lam
+    loss = errors + lam * costs
     loss = torch.where(errors <= settings.epsilon, loss, torch.full_like(loss, math.inf))
-    loss[:, 0] = settings.lam  # dense: no error, all the cost
+    loss[:, 0] = lam  # dense: no error, all the cost
     return loss.argmin(dim=1).tolist()
 
 
@@ -268,12 +273,12 @@ class _Record:
         self.costs[layer] = costs  # stripes: the costs of the latest choice of blocks
         self.counts[layer] = self.counts.get(layer, 0) + 1
 
-    def decisions(self, layer: int) -> list[tuple[str, float]] | None:
+    def decisions(self, layer: int, lam: float | None = None) -> list[tuple[str, float]] | None:
         """Per head (mode, density) from everything seen so far; None before the layer was scored."""
         if layer not in self.error_sums:
             return None
         candidates = self.settings.candidates()
-        chosen = choose_modes(self.error_sums[layer] / self.counts[layer], self.costs[layer], self.settings)
+        chosen = choose_modes(self.error_sums[layer] / self.counts[layer], self.costs[layer], self.settings, lam)
         return [candidates[i] for i in chosen]
 
     def stripe_blocks(self, layer: int, head: int, density: float) -> torch.Tensor:
@@ -415,11 +420,28 @@ def layer_profile(decisions: list[tuple[str, float]], stripes: dict, layer: int 
     return {"heads": heads}
 
 
-def _layer_entries(record: _Record, num_layers: int) -> dict[int, dict]:
+def _layer_lams(record: _Record, num_layers: int, lam: float) -> list[float]:
+    """Each layer's cost weight: ``lam`` over the layer's sensitivity relative to the mean.
+
+    Choosing per head ``w * error + lam * cost`` with ``w`` the layer's
+    relative sensitivity is the same as ``error + (lam / w) * cost``: errors in
+    layers whose output error reaches the final output more weigh more, so
+    those layers keep more dense heads.  A layer without a measured
+    sensitivity (dense at the search's own ``lam``) weighs as the most sensitive one.
+    """
+    measured = record.sensitivity
+    if not measured:
+        return [lam] * num_layers
+    mean = max(sum(measured.values()) / len(measured), 1e-30)
+    top = max(measured.values()) / mean
+    return [lam / max(measured[layer] / mean if layer in measured else top, 1e-12) for layer in range(num_layers)]
+
+
+def _layer_entries(record: _Record, lams: list[float]) -> dict[int, dict]:
     layout, (_, block_n) = record.layout, record.block_sizes
     entries = {}
-    for layer in range(num_layers):
-        decisions = record.decisions(layer)
+    for layer, lam in enumerate(lams):
+        decisions = record.decisions(layer, lam)
         if decisions is None:
             continue
         stripes = {
@@ -432,12 +454,12 @@ def _layer_entries(record: _Record, num_layers: int) -> dict[int, dict]:
     return entries
 
 
-def _layer_costs(record: _Record, num_layers: int) -> list[float]:
+def _layer_costs(record: _Record, lams: list[float]) -> list[float]:
     """Per layer the computed fraction of its chosen modes (1 for a layer never scored)."""
     index = {candidate: i for i, candidate in enumerate(record.settings.candidates())}
     costs = []
-    for layer in range(num_layers):
-        decisions = record.decisions(layer)
+    for layer, lam in enumerate(lams):
+        decisions = record.decisions(layer, lam)
         if decisions is None:
             costs.append(1.0)
         else:
@@ -445,16 +467,78 @@ def _layer_costs(record: _Record, num_layers: int) -> list[float]:
     return costs
 
 
-def _dense_by_budget(costs: list[float], sensitivity: dict[int, float], budget: float | None) -> list[int]:
-    """The most sensitive layers, made dense while the mean computed fraction stays within ``budget``."""
-    if budget is None:
-        return []
-    costs, dense = list(costs), []
-    for layer in sorted(sensitivity, key=lambda i: -sensitivity[i]):
-        trial = costs[:layer] + [1.0] + costs[layer + 1 :]
-        if sum(trial) / len(trial) <= budget + 1e-9:
-            costs, dense = trial, dense + [layer]
-    return sorted(dense)
+#: The weights tried when the cost weight is fitted to a budget (log-spaced, 1e-4 .. 1e3).
+_LAMBDAS = tuple(10 ** (i / 8) for i in range(-32, 25))
+
+
+def allocate_budget(record: _Record, num_layers: int) -> tuple[float, list[float], list[float]]:
+    """``(lam, per-layer cost weights, per-layer computed fractions)`` of the profile to write.
+
+    Errors are weighted by layer sensitivity (:func:`_layer_lams`).  Without a
+    budget ``lam`` is the settings'; with one it is the smallest weight whose
+    choices fit the budget, so the profile spends the budget where the
+    sensitivity-weighted error drops most: the most sensitive layers keep the
+    most dense heads, and a layer all of whose heads choose dense is a dense layer.
+    """
+    settings = record.settings
+
+    def fraction(lam: float) -> float:
+        return sum(_layer_costs(record, _layer_lams(record, num_layers, lam))) / num_layers
+
+    lam = settings.lam
+    if settings.budget is not None:
+        fitting = [value for value in _LAMBDAS if fraction(value) <= settings.budget + 1e-9]
+        lam = fitting[0] if fitting else _LAMBDAS[-1]
+    lams = _layer_lams(record, num_layers, lam)
+    return lam, lams, _layer_costs(record, lams)
+
+
+def profile_from_record(record: _Record, family: str, num_layers: int, num_heads: int, name: str,
+                        provenance: dict) -> dict:
+    """The profile (a plain dict) of a finished search: per-head modes, dense layers and lam from the budget."""
+    from . import __version__
+
+    settings = record.settings
+    lam, lams, costs = allocate_budget(record, num_layers)
+    fraction = sum(costs) / num_layers
+    entries = _layer_entries(record, lams)
+    dense_layers = [layer for layer in range(num_layers) if costs[layer] >= 1.0]
+    layers = {}
+    for layer in range(num_layers):
+        entry = {} if layer in dense_layers else dict(entries.get(layer, {}))
+        if layer in record.sensitivity:
+            entry["sensitivity"] = float(record.sensitivity[layer])
+        if entry:
+            layers[layer] = entry
+    grid = record.layout.grid
+    return {
+        "name": name,
+        "description": (
+            f"Sparse-vDiT profile searched by vdit-sparse search on {provenance.get('model')}: one static pattern "
+            f"per head (dense, skip, diagonal, multi-diagonal, vertical stripe), errors weighted by layer "
+            f"sensitivity; {len(dense_layers)} layers dense; {fraction:.3f} of the attention work of a sparse step."
+        ),
+        "model": {"family": family, "num_layers": num_layers, "num_heads": num_heads},
+        "method": "svdit",
+        "params": {"mode": "dense", **({"block_size": settings.block_size} if settings.block_size else {})},
+        "dense_warmup_fraction": settings.warmup_fraction,
+        "dense_layers": dense_layers,
+        "layers": layers,
+        "provenance": {
+            "tool": "vdit-sparse search",
+            "package_version": __version__,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            **provenance,
+            "token_layout": {"frames": grid.frames, "height": grid.height, "width": grid.width,
+                             "text_length": record.layout.text_length},
+            "block_sizes": list(record.block_sizes),
+            "settings": {key: list(value) if isinstance(value, tuple) else value
+                         for key, value in dataclasses.asdict(settings).items()},
+            "lam_used": lam,
+            "sparse_step_computed_fraction": fraction,
+            "seconds": round(record.seconds, 2),
+        },
+    }
 
 
 # -- the search ------------------------------------------------------------------------
@@ -531,61 +615,23 @@ def search_profile(
     sparse_layers = [layer for layer in range(num_layers)
                      if any(mode != "dense" for mode, _ in (record.decisions(layer) or []))]
     todo_layers = [layer for layer in sparse_layers if layer not in record.sensitivity]
-    entries = _layer_entries(record, num_layers)
     if todo_layers:
         num_steps = int(call_args.get("num_inference_steps", 50))
         warmup = math.ceil(settings.warmup_fraction * num_steps)
         step = warmup + round(settings.sensitivity_at * (num_steps - 1 - warmup))
         (prompt, seed) = units[0]
         args, kwargs = _capture_inputs(pipe, prompt, seed, call_args, step)
+        entries = _layer_entries(record, [settings.lam] * num_layers)
         _measure_sensitivity(pipe, adapter, args, kwargs, entries, todo_layers, record, save, progress)
     record.seconds += time.perf_counter() - started
-
-    costs = _layer_costs(record, num_layers)
-    dense_layers = _dense_by_budget(costs, record.sensitivity, settings.budget)
-    layers = {}
-    for layer in range(num_layers):
-        entry = dict(entries.get(layer, {}))
-        if layer in dense_layers:
-            entry = {}
-        if layer in record.sensitivity:
-            entry["sensitivity"] = float(record.sensitivity[layer])
-        if entry:
-            layers[layer] = entry
-    fraction = sum(1.0 if layer in dense_layers else cost for layer, cost in enumerate(costs)) / num_layers
-    from . import __version__
-
-    profile = {
-        "name": name,
-        "description": (
-            f"Sparse-vDiT profile searched by vdit-sparse search on {model_name or type(pipe).__name__}: one static "
-            f"pattern per head (dense, skip, diagonal, multi-diagonal, vertical stripe); {len(dense_layers)} most "
-            f"sensitive layers dense; {fraction:.3f} of the attention work of a sparse step."
-        ),
-        "model": {"family": adapter.family, "num_layers": num_layers, "num_heads": num_heads},
-        "method": "svdit",
-        "params": {"mode": "dense", **({"block_size": settings.block_size} if settings.block_size else {})},
-        "dense_warmup_fraction": settings.warmup_fraction,
-        "dense_layers": dense_layers,
-        "layers": layers,
-        "provenance": {
-            "tool": "vdit-sparse search",
-            "package_version": __version__,
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "model": model_name or type(pipe).__name__,
-            "prompts": [str(p) for p in prompts],
-            "seeds": [int(s) for s in seeds],
-            "call_args": {key: value for key, value in call_args.items() if isinstance(value, (int, float, str, bool))},
-            "token_layout": {"frames": record.layout.grid.frames, "height": record.layout.grid.height,
-                             "width": record.layout.grid.width, "text_length": record.layout.text_length},
-            "block_sizes": list(record.block_sizes),
-            "settings": {key: list(value) if isinstance(value, tuple) else value
-                         for key, value in dataclasses.asdict(settings).items()},
-            "sparse_step_computed_fraction": fraction,
-            "seconds": round(record.seconds, 2),
-            **_peak_memory(device),
-        },
+    provenance = {
+        "model": model_name or type(pipe).__name__,
+        "prompts": [str(p) for p in prompts],
+        "seeds": [int(s) for s in seeds],
+        "call_args": {key: value for key, value in call_args.items() if isinstance(value, (int, float, str, bool))},
+        **_peak_memory(device),
     }
+    profile = profile_from_record(record, adapter.family, num_layers, num_heads, name, provenance)
     load_profile(profile)  # what we write must load
     if out is not None:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
@@ -601,11 +647,19 @@ def _measure_sensitivity(pipe, adapter, args, kwargs, entries, layers, record, s
 
     transformer = pipe.transformer
     blocks = adapter.blocks(transformer)
+    # Block outputs of the dense pass: on the device while it keeps 16 GiB free, else in host memory.
     cached: dict[int, Any] = {}
+    on_cuda = transformer.device.type == "cuda"
+
+    def moved(value, device):
+        if isinstance(value, torch.Tensor):
+            return value.to(device)
+        return type(value)(moved(item, device) for item in value) if isinstance(value, (tuple, list)) else value
 
     def keep(block_index):
         def hook(module, inputs, output):
-            cached[block_index] = output
+            room = on_cuda and torch.cuda.mem_get_info(transformer.device)[0] > 16 * 2**30
+            cached[block_index] = output if room else moved(output, "cpu")
         return hook
 
     hooks = [block.register_forward_hook(keep(i)) for i, block in enumerate(blocks)]
@@ -619,8 +673,10 @@ def _measure_sensitivity(pipe, adapter, args, kwargs, entries, layers, record, s
         profile = {"name": f"svdit-layer-{layer}", "method": "svdit", "params": {"mode": "dense"},
                    "layers": {layer: entries[layer]}}
         replayed = []
-        for index in range(layer):  # blocks before the sparse one give their dense outputs back
-            blocks[index].forward = (lambda out: (lambda *a, **k: out))(cached[layer - 1])
+        if layer > 0:
+            replay = moved(cached[layer - 1], dense.device)
+        for index in range(layer):  # blocks before the sparse one give the dense output of the last of them
+            blocks[index].forward = (lambda out: (lambda *a, **k: out))(replay)
             replayed.append(blocks[index])
         try:
             with accelerate_pipeline(pipe, profile), torch.no_grad():
