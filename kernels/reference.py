@@ -14,6 +14,7 @@ __all__ = [
     "expand_block_mask",
     "indices_to_block_mask",
     "block_sparse_attention_reference",
+    "column_sparse_attention_reference",
     "gather_rows_reference",
     "masked_row_errors_reference",
     "permute_tokens_reference",
@@ -62,11 +63,30 @@ def block_sparse_attention_reference(
             rows = query_rows.long().expand(batch, heads, seq_len)
             return out, torch.empty_like(lse).scatter_(2, rows, lse)
         return out
-    if scale is None:
-        scale = 1.0 / math.sqrt(head_dim)
     num_kv_blocks = -(-seq_len // block_n)
     block_mask = indices_to_block_mask(kv_block_indices, kv_block_counts, num_kv_blocks)
     token_mask = expand_block_mask(block_mask, block_m, block_n, seq_len)
+    return _masked_attention(q, k, v, token_mask, scale, key_padding_mask, return_lse, upcast)
+
+
+def column_sparse_attention_reference(
+    q, k, v, columns, counts, *, group_size, scale=None, key_padding_mask=None, return_lse=False, upcast=True,
+):
+    """:func:`~vdit_sparse.kernels.column_sparse_attention.column_sparse_attention` with the column lists
+    expanded to an ``S x S`` token mask (group ``g`` of ``group_size`` rows sees its listed columns)."""
+    batch, heads, seq_len, _ = q.shape
+    listed = torch.arange(columns.shape[-1], device=columns.device) < counts[..., None].long()
+    group_mask = torch.zeros(*columns.shape[:-1], seq_len + 1, dtype=torch.bool, device=columns.device)
+    group_mask.scatter_(-1, torch.where(listed, columns.long(), seq_len), True)  # past the count: a spare column
+    token_mask = group_mask[..., :seq_len].repeat_interleave(group_size, dim=-2)[..., :seq_len, :]
+    return _masked_attention(q, k, v, token_mask, scale, key_padding_mask, return_lse, upcast)
+
+
+def _masked_attention(q, k, v, token_mask, scale, key_padding_mask, return_lse, upcast):
+    """Softmax attention under a bool token mask ``(1 or B, H, S, S)``; rows without a key give zeros (lse -inf)."""
+    batch, heads, seq_len, head_dim = q.shape
+    if scale is None:
+        scale = 1.0 / math.sqrt(head_dim)
     if key_padding_mask is not None:
         token_mask = token_mask & key_padding_mask[:, None, None, :]
     has_key = token_mask.any(dim=-1, keepdim=True)

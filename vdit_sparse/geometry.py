@@ -19,7 +19,7 @@ from typing import Literal
 
 import torch
 
-__all__ = ["LatentGrid", "TokenLayout", "TokenOrder", "PositionMajor", "POSITION_MAJOR", "num_blocks"]
+__all__ = ["LatentGrid", "TokenLayout", "TokenOrder", "PositionMajor", "POSITION_MAJOR", "Voxels", "num_blocks"]
 
 
 @dataclass(frozen=True)
@@ -136,6 +136,49 @@ class PositionMajor(TokenOrder):
 
 
 POSITION_MAJOR = PositionMajor()
+
+
+@dataclass(frozen=True)
+class Voxels(TokenOrder):
+    """The video span in voxels of ``frames x height x width`` tokens: neighbours in space and time are neighbours.
+
+    Whole voxels come first, in frame-major voxel order, each holding its
+    tokens in frame-major order, so every run of ``voxel_size`` tokens from
+    the start of the video is one voxel (Chipmunk's query groups).  The
+    tokens of the partial voxels at the edges of a grid the voxel does not
+    divide follow, in frame-major order.  Text keeps its place.
+    """
+
+    frames: int = 4
+    height: int = 6
+    width: int = 8
+
+    def __post_init__(self) -> None:
+        for name in ("frames", "height", "width"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"Voxels.{name} must be a positive int, got {value!r}")
+
+    @property
+    def voxel_size(self) -> int:
+        return self.frames * self.height * self.width
+
+    def whole_voxel_tokens(self, grid: LatentGrid) -> int:
+        """How many video tokens lie in whole voxels (the rest follow them)."""
+        return (grid.frames // self.frames) * (grid.height // self.height) * (grid.width // self.width) * self.voxel_size
+
+    def permutation(self, layout):
+        grid = layout.grid
+        offsets = torch.arange(grid.num_tokens).view(grid.frames, grid.height, grid.width)
+        ft, fh, fw = grid.frames // self.frames, grid.height // self.height, grid.width // self.width
+        inner = offsets[: ft * self.frames, : fh * self.height, : fw * self.width]
+        whole = inner.reshape(ft, self.frames, fh, self.height, fw, self.width).permute(0, 2, 4, 1, 3, 5).reshape(-1)
+        in_whole = torch.zeros(grid.num_tokens, dtype=torch.bool)
+        in_whole[whole] = True
+        video = torch.cat([whole, offsets.reshape(-1)[~in_whole]])
+        perm = torch.arange(layout.seq_len, dtype=torch.long)
+        perm[layout.video_start : layout.video_end] = layout.video_start + video
+        return perm
 
 
 @functools.lru_cache(maxsize=128)
