@@ -151,7 +151,7 @@ def column_sparse_attention(
     *,
     group_size: int,
     block_m: int = 64,
-    block_n: int = 64,
+    block_n: int = 32,
     scale: Optional[float] = None,
     key_padding_mask: Optional[torch.Tensor] = None,
     return_lse: bool = False,
@@ -160,7 +160,10 @@ def column_sparse_attention(
 
     ``columns`` int32 ``(1 or B, H, G, K)``, ``G = ceil(S / group_size)``:
     group ``g`` attends to keys ``columns[b, h, g, :counts[b, h, g]]``.
-    ``group_size`` is a multiple of ``block_m``.  Returns the output, and with
+    ``group_size`` is a multiple of ``block_m``.  The default blocks (64 query
+    rows, 32 columns at a time, 4 warps) were the fastest of those timed by
+    ``scripts/bench_column_sparse.py`` on an H200 at both real shapes
+    (``benchmarks/results/column-sparse-h200.json``).  Returns the output, and with
     ``return_lse`` also the float32 log-sum-exp ``(B, H, S)`` of each row's
     scaled scores over its keys.
     """
