@@ -1,7 +1,7 @@
 """Column-sparse flash-attention forward in Triton: each query group attends to its own list of key columns.
 
-Dimension letters: ``B`` batch, ``H`` heads, ``S`` sequence, ``D`` head dim,
-``G`` query groups, ``K`` the longest column list.  Query rows are grouped in
+Dimension letters: ``B`` batch, ``H`` heads, ``R`` query rows, ``S`` keys,
+``D`` head dim, ``G`` query groups, ``K`` the longest column list.  Query rows are grouped in
 runs of ``group_size`` consecutive rows (Chipmunk's voxels, once the tokens
 are in :class:`~vdit_sparse.geometry.Voxels` order); group ``g`` of head
 ``h`` attends only to the keys ``columns[b, h, g, :counts[b, h, g]]`` (token
@@ -49,7 +49,7 @@ def _column_sparse_attn_fwd(
     stride_cb, stride_ch, stride_cg,
     stride_nb, stride_nh,
     stride_pb,
-    H, S,
+    H, R,
     GROUP_BLOCKS: tl.constexpr,  # query blocks per group
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -69,7 +69,7 @@ def _column_sparse_attn_fwd(
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     b_q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :],
-                  mask=offs_m[:, None] < S, other=0.0)
+                  mask=offs_m[:, None] < R, other=0.0)
     if DOT_IN_FP32:
         b_q = b_q.to(tl.float32)
 
@@ -113,23 +113,24 @@ def _column_sparse_attn_fwd(
     empty = l_i == 0.0
     acc = acc / tl.where(empty, 1.0, l_i)[:, None]
     p_o = O + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :]
-    tl.store(p_o, acc.to(O.dtype.element_ty), mask=offs_m[:, None] < S)
+    tl.store(p_o, acc.to(O.dtype.element_ty), mask=offs_m[:, None] < R)
     if RETURN_LSE:
         lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
-        tl.store(LSE + pid_bh.to(tl.int64) * S + offs_m, lse, mask=offs_m < S)
+        tl.store(LSE + pid_bh.to(tl.int64) * R + offs_m, lse, mask=offs_m < R)
 
 
 def _check_inputs(q, k, v, columns, counts, group_size, block_m, key_padding_mask) -> None:
-    if q.dim() != 4 or k.shape != q.shape or v.shape != q.shape:
-        raise ValueError(f"q, k, v must share one shape (B, H, S, D), got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    batch, heads, seq_len, head_dim = q.shape
+    if q.dim() != 4 or k.dim() != 4 or v.shape != k.shape or q.shape[:2] + q.shape[3:] != k.shape[:2] + k.shape[3:]:
+        raise ValueError(f"q must be (B, H, R, D) and k, v (B, H, S, D), got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    batch, heads, rows, head_dim = q.shape
+    seq_len = k.shape[2]
     if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
         raise ValueError("q, k and v must be contiguous in their last dim")
     if head_dim not in (16, 32, 64, 128):
         raise ValueError(f"head dim {head_dim} is not supported (16, 32, 64 or 128)")
     if group_size < block_m or group_size % block_m:
         raise ValueError(f"group_size {group_size} must be a multiple of block_m {block_m}")
-    groups = -(-seq_len // group_size)
+    groups = -(-rows // group_size)
     if columns.dtype != torch.int32 or counts.dtype != torch.int32:
         raise ValueError(f"columns and counts must be int32, got {columns.dtype} and {counts.dtype}")
     if columns.dim() != 4 or columns.shape[1:3] != (heads, groups) or columns.shape[0] not in (1, batch):
@@ -156,16 +157,17 @@ def column_sparse_attention(
     key_padding_mask: Optional[torch.Tensor] = None,
     return_lse: bool = False,
 ):
-    """Attention of q, k, v ``(B, H, S, D)`` with each group of ``group_size`` query rows over its listed columns.
+    """Attention of q ``(B, H, R, D)`` over k, v ``(B, H, S, D)``, each group of ``group_size`` query rows over
+    its listed columns.
 
-    ``columns`` int32 ``(1 or B, H, G, K)``, ``G = ceil(S / group_size)``:
+    ``columns`` int32 ``(1 or B, H, G, K)``, ``G = ceil(R / group_size)``:
     group ``g`` attends to keys ``columns[b, h, g, :counts[b, h, g]]``.
     ``group_size`` is a multiple of ``block_m``.  The default blocks (64 query
     rows, 32 columns at a time, 4 warps) were the fastest of those timed by
     ``scripts/bench_column_sparse.py`` on an H200 at both real shapes
     (``benchmarks/results/column-sparse-h200.json``).  Returns the output, and with
     ``return_lse`` also the float32 log-sum-exp ``(B, H, S)`` of each row's
-    scaled scores over its keys.
+    scaled scores over its keys; ``key_padding_mask`` is bool ``(B, S)``.
     """
     _check_inputs(q, k, v, columns, counts, group_size, block_m, key_padding_mask)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
@@ -190,11 +192,11 @@ def _column_sparse_attention_op(
     key_padding_mask: Optional[torch.Tensor],
     return_lse: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    batch, heads, seq_len, head_dim = q.shape
+    batch, heads, rows, head_dim = q.shape
     out = torch.empty_like(q)
-    lse = torch.empty((batch, heads, seq_len) if return_lse else (0,), dtype=torch.float32, device=q.device)
+    lse = torch.empty((batch, heads, rows) if return_lse else (0,), dtype=torch.float32, device=q.device)
     shared = columns.shape[0] == 1
-    grid = (-(-seq_len // block_m), batch * heads)
+    grid = (-(-rows // block_m), batch * heads)
     kernel = kernel_for(_column_sparse_attn_fwd, q.device)
     kernel[grid](
         q, k, v, out, lse if return_lse else out, columns, counts,
@@ -204,7 +206,7 @@ def _column_sparse_attention_op(
         0 if shared else columns.stride(0), *columns.stride()[1:3],
         0 if shared else counts.stride(0), counts.stride(1),
         key_padding_mask.stride(0) if key_padding_mask is not None else 0,
-        heads, seq_len,
+        heads, rows,
         GROUP_BLOCKS=group_size // block_m, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
         HAS_KEY_PADDING=key_padding_mask is not None, RETURN_LSE=return_lse,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 or q.device.type == "cpu" else "tf32",

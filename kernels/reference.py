@@ -73,17 +73,18 @@ def column_sparse_attention_reference(
     q, k, v, columns, counts, *, group_size, scale=None, key_padding_mask=None, return_lse=False, upcast=True,
 ):
     """:func:`~vdit_sparse.kernels.column_sparse_attention.column_sparse_attention` with the column lists
-    expanded to an ``S x S`` token mask (group ``g`` of ``group_size`` rows sees its listed columns)."""
-    batch, heads, seq_len, _ = q.shape
+    expanded to an ``R x S`` token mask (group ``g`` of ``group_size`` rows sees its listed columns)."""
+    rows, seq_len = q.shape[2], k.shape[2]
     listed = torch.arange(columns.shape[-1], device=columns.device) < counts[..., None].long()
     group_mask = torch.zeros(*columns.shape[:-1], seq_len + 1, dtype=torch.bool, device=columns.device)
     group_mask.scatter_(-1, torch.where(listed, columns.long(), seq_len), True)  # past the count: a spare column
-    token_mask = group_mask[..., :seq_len].repeat_interleave(group_size, dim=-2)[..., :seq_len, :]
+    token_mask = group_mask[..., :seq_len].repeat_interleave(group_size, dim=-2)[..., :rows, :]
     return _masked_attention(q, k, v, token_mask, scale, key_padding_mask, return_lse, upcast)
 
 
 def _masked_attention(q, k, v, token_mask, scale, key_padding_mask, return_lse, upcast):
-    """Softmax attention under a bool token mask ``(1 or B, H, S, S)``; rows without a key give zeros (lse -inf)."""
+    """Softmax attention under a bool token mask ``(1 or B, H, R, S)`` (q has ``R`` rows, k and v ``S``); rows
+    without a key give zeros (lse -inf)."""
     batch, heads, seq_len, head_dim = q.shape
     if scale is None:
         scale = 1.0 / math.sqrt(head_dim)

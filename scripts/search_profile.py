@@ -53,6 +53,7 @@ def main() -> None:
     settings = SearchSettings(budget=args.budget)
     searched = search_profile(pipe, list(DEFAULT_PROMPTS), [0], call_args, settings, out=args.out,
                               name="reference-svdit", model_name="embedded:reference")
+    Path(str(args.out) + ".record.pt").unlink()  # the search's measurements are not shipped with the profile
     target = searched["provenance"]["sparse_step_computed_fraction"]
     spec = searched["provenance"]["token_layout"]
     layout = TokenLayout(LatentGrid(spec["frames"], spec["height"], spec["width"]), spec["text_length"], "prefix")
@@ -84,7 +85,7 @@ def main() -> None:
     results["search"] = {"profile": str(args.out), "sparse_step_computed_fraction": target,
                          "settings": searched["provenance"]["settings"],
                          "seconds": searched["provenance"]["seconds"],
-                         "host_max_rss_bytes": searched["provenance"]["host_max_rss_bytes"]}
+                         "host_max_rss_mib": searched["provenance"]["host_max_rss_mib"]}
     paths = write_report(results, args.eval_dir)
     print(paths["markdown"].read_text())
     print(yaml.safe_dump({"wrote": [str(p) for p in paths.values()] + [str(args.out)]}))

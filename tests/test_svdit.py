@@ -149,7 +149,7 @@ def test_stripe_candidates_take_the_planted_columns():
 def _without_run_facts(profile: dict) -> dict:
     """A searched profile without what differs between two runs of the same search (date, time, memory)."""
     provenance = {key: value for key, value in profile["provenance"].items()
-                  if key not in ("date", "seconds", "host_max_rss_bytes", "device_max_allocated_bytes")}
+                  if key not in ("date", "seconds", "host_max_rss_mib", "device_max_allocated_mib")}
     return {**profile, "provenance": provenance}
 
 
@@ -170,10 +170,26 @@ def test_search_command_on_the_reference_model_in_ci_time(tmp_path, capsys):
     profile = yaml.safe_load(out.read_text())
     provenance = profile["provenance"]
     assert provenance["model"] == "embedded:reference" and provenance["prompts"] == ["red circle moving right"]
-    assert provenance["call_args"]["num_inference_steps"] == 10 and provenance["host_max_rss_bytes"] > 0
+    assert provenance["call_args"]["num_inference_steps"] == 10 and provenance["host_max_rss_mib"] > 0
     assert provenance["sparse_step_computed_fraction"] <= 0.5 + 1e-9
     assert set(profile["layers"]) == set(range(6)) and all("sensitivity" in e for e in profile["layers"].values())
-    assert not (tmp_path / "searched.yaml.partial.pt").exists()  # a finished search leaves no partial file
+    # Another budget refits from the record, without running the pipeline.
+    from vdit_sparse import cli
+
+    real_load = cli._load_pipeline
+    loaded = []
+    cli._load_pipeline = lambda *a, **k: loaded.append(a) or real_load(*a, **k)
+    try:
+        refit = time.perf_counter()
+        assert main(["search", "--out", str(out), "--prompt", "red circle moving right", "--steps", "10",
+                     "--budget", "0.35"]) == 0
+        refit = time.perf_counter() - refit
+    finally:
+        cli._load_pipeline = real_load
+    tighter = yaml.safe_load(out.read_text())["provenance"]
+    assert tighter["sparse_step_computed_fraction"] <= 0.35 + 1e-9 < provenance["sparse_step_computed_fraction"]
+    assert tighter["seconds"] == provenance["seconds"]  # no new search time was spent
+    assert refit < seconds / 2 and len(loaded) == 1
 
     pipe = build_reference_pipeline()
     pipe.set_progress_bar_config(disable=True)
@@ -188,7 +204,7 @@ def test_search_command_on_the_reference_model_in_ci_time(tmp_path, capsys):
     assert (tmp_path / "map.png").stat().st_size > 0 and (tmp_path / "map-sensitivity.png").stat().st_size > 0
 
 
-def test_an_interrupted_search_resumes_from_its_partial_output(tmp_path, monkeypatch):
+def test_an_interrupted_search_resumes_from_its_record(tmp_path, monkeypatch):
     from vdit_sparse.reference_model import REFERENCE_CALL_ARGS, build_reference_pipeline
     from vdit_sparse.search import search_profile
 
@@ -208,7 +224,7 @@ def test_an_interrupted_search_resumes_from_its_partial_output(tmp_path, monkeyp
     monkeypatch.setattr(type(pipe), "__call__", interrupted)
     with pytest.raises(KeyboardInterrupt):
         search_profile(pipe, prompts, [0], call, settings, out=tmp_path / "again.yaml", progress=False)
-    assert (tmp_path / "again.yaml.partial.pt").exists()
+    assert (tmp_path / "again.yaml.record.pt").exists()
     calls.clear()
     monkeypatch.setattr(type(pipe), "__call__", lambda self, *a, **k: calls.append(k["prompt"]) or real_call(self, *a, **k))
     resumed = search_profile(pipe, prompts, [0], call, settings, out=tmp_path / "again.yaml", progress=False)

@@ -114,7 +114,7 @@ def _add_search_parser(commands) -> None:
     se.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     se.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                     help="default: bfloat16 on cuda, float32 on cpu")
-    se.add_argument("--no-resume", action="store_true", help="start over even when <out>.partial.pt exists")
+    se.add_argument("--no-resume", action="store_true", help="start over even when <out>.record.pt exists")
 
 
 def _add_eval_parser(commands) -> None:

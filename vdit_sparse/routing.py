@@ -19,7 +19,7 @@ import torch
 from .context import AttentionCall, StateStore
 from .methods import AttentionMethod
 from .methods.block_sparse import block_sizes_for, resolve_backend
-from .plan import HeadPlan, combine_plans, dense_plan, run_plan
+from .plan import HeadPlan, combine_plans, dense_plan, run_plan, skip_plan
 
 __all__ = ["HeadGroup", "LayerRouting"]
 
@@ -39,7 +39,7 @@ class LayerRouting:
         self.layer_index = layer_index
         self.groups = groups
         # The profile checked that block-sparse groups agree on these (one launch).
-        params = [g.method.params for g in groups if hasattr(g.method.params, "backend")]
+        params = [g.method.params for g in groups if hasattr(g.method.params, "block_size")]
         self.block_size = params[0].block_size if params else None
         self.backend = params[0].backend if params else "auto"
         self._local: dict[tuple, list] = {}
@@ -82,18 +82,27 @@ class LayerRouting:
                 state=store.slot((self.layer_index, call.step.call_kind, index)),
             )
             gq, gk, gv = q[:, select], k[:, select], v[:, select]
+            own = None
             if group.method.uses_model_processor(group_call):  # dense on this call, beside heads that are not
                 plan, path = dense_plan(seq_len, len(model_heads), block_m, block_n, q.device), "dense"
+            elif group.method.computes_attention:  # its own launch; nothing for these heads in the joint one
+                own, fraction = group.method.attend(gq, gk, gv, group_call)
+                plan, path = skip_plan(seq_len, len(model_heads), block_m, block_n, q.device), group.method.name
             else:
                 plan, path = group.method.plan(gq, gk, gv, group_call), group.method.name
-            call.stats.record(path, plan.density, batch * len(model_heads), seq_len)
-            runs.append((group, group_call, select, local, plan, (gq, gk, gv)))
-        if len(runs) == 1:
-            plan: HeadPlan = runs[0][4]
+            call.stats.record(path, plan.density if own is None else fraction, batch * len(model_heads), seq_len)
+            runs.append((group, group_call, select, local, plan, (gq, gk, gv), own))
+        if all(own is not None for *_, own in runs):
+            out = torch.empty_like(q)
         else:
-            plan = combine_plans([(local, run_plan_) for _, _, _, local, run_plan_, _ in runs], heads, seq_len)
-        out = run_plan(q, k, v, plan, call.key_padding_mask, backend)
-        for group, group_call, select, _, _, (gq, gk, gv) in runs:
+            if len(runs) == 1:
+                plan: HeadPlan = runs[0][4]
+            else:
+                plan = combine_plans([(local, run_plan_) for _, _, _, local, run_plan_, _, _ in runs], heads, seq_len)
+            out = run_plan(q, k, v, plan, call.key_padding_mask, backend)
+        for group, group_call, select, _, _, (gq, gk, gv), own in runs:
+            if own is not None:
+                out[:, select] = own
             mine = out[:, select]
             finished = group.method.finish(mine, gq, gk, gv, group_call)
             if finished is not mine:

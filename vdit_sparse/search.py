@@ -30,14 +30,15 @@ layer's head errors by its sensitivity relative to the mean (an error in a
 layer whose errors reach the output more counts more) and, under a compute
 ``budget`` (the fraction of attention work of a sparse step), fits ``lam``
 to it: the most sensitive layers keep the most dense heads, and a layer all
-of whose heads choose dense becomes a dense layer.  Refitting needs no new
-runs: the record of errors is kept.
+of whose heads choose dense becomes a dense layer.
 
 The result is a profile ``accelerate_pipeline`` reads unchanged, with the
 sensitivities and the provenance (model, prompts, seeds, call arguments,
-settings, date, package version, time, peak memory).  Work done so far is
-kept in ``<out>.partial.pt`` after every prompt and layer, and a search
-started again with the same settings resumes from it.
+settings, date, package version, time, peak memory).  Everything the search
+has measured is kept in ``<out>.record.pt``, saved after every prompt and
+layer: a search started again with the same settings resumes from it after an
+interruption, and once finished, a search with only another ``budget``
+refits the profile from it without running the pipeline.
 
 Example::
 
@@ -53,12 +54,11 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import math
-import os
 import resource
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence, Union
+from typing import Any, Sequence, Union
 
 import torch
 import yaml
@@ -67,7 +67,6 @@ from .api import AccelerationHandle, accelerate_pipeline, check_profile
 from .context import AttentionCall
 from .geometry import TokenLayout
 from .methods.base import AttentionMethod
-from .methods.block_sparse import block_sizes_for, resolve_backend
 from .methods.svdit import MODES, format_column_ranges, mode_plan
 from .methods.svg import row_masks, sample_rows
 from .patterns import block_has_text
@@ -97,7 +96,7 @@ class SearchSettings:
     num_samples: int = 64
     #: Dense warm-up, as a fraction of the steps, of the search runs and of the profile written.
     warmup_fraction: float = 0.2
-    #: Target fraction of attention work on a sparse step; the most sensitive layers go dense within it.
+    #: Target fraction of attention work on a sparse step: ``lam`` is fitted to it (see :func:`allocate_budget`).
     budget: float | None = None
     #: Where in the sparse steps the sensitivities are measured (0 first sparse step, 1 last).
     sensitivity_at: float = 0.5
@@ -250,7 +249,7 @@ def choose_modes(errors: torch.Tensor, costs: torch.Tensor, settings: SearchSett
 
 
 class _Record:
-    """Everything the search has seen, per layer; saved to and restored from the partial file."""
+    """Everything the search has seen, per layer; saved to and restored from ``<out>.record.pt``."""
 
     def __init__(self, settings: SearchSettings):
         self.settings = settings
@@ -317,10 +316,9 @@ class _SearchMethod(AttentionMethod):
 
     name = "svdit-search"
 
-    def __init__(self, record: _Record, scoring: Callable[[], bool]):
+    def __init__(self, record: _Record):
         super().__init__(None)
         self.record = record
-        self.scoring = scoring
         self._parts: dict = {}
 
     def uses_model_processor(self, call):
@@ -338,16 +336,13 @@ class _SearchMethod(AttentionMethod):
         if key not in self._parts:
             self._parts[key] = _layout_candidates(layout, record.settings, call.block_m, call.block_n, q.device)
         parts = self._parts[key]
-        if self.scoring():
-            errors, costs, mass = candidate_errors(
-                q, k, v, layout, record.settings, call.block_m, call.block_n, call.key_padding_mask,
-                stripe_mass=record.mass.get(layer), parts=parts,
-            )
-            record.add(layer, errors, costs, mass)
+        errors, costs, mass = candidate_errors(
+            q, k, v, layout, record.settings, call.block_m, call.block_n, call.key_padding_mask,
+            stripe_mass=record.mass.get(layer), parts=parts,
+        )
+        record.add(layer, errors, costs, mass)
         decisions = record.decisions(layer)
         heads = q.shape[1]
-        if decisions is None:  # not scored yet (a resumed search replaying its steps): dense
-            decisions = [("dense", 1.0)] * heads
         plans = [
             (torch.tensor([h], device=q.device),
              _head_plan(record, layer, call.heads[h], decision, parts, layout, call.block_m, call.block_n, q.device))
@@ -356,12 +351,12 @@ class _SearchMethod(AttentionMethod):
         return combine_plans(plans, heads, layout.seq_len)
 
 
-def _search_handle(pipe: Any, record: _Record, scoring: Callable[[], bool]) -> AccelerationHandle:
+def _search_handle(pipe: Any, record: _Record) -> AccelerationHandle:
     """The pipeline with every layer routed to one :class:`_SearchMethod` over all heads."""
     profile = check_profile(pipe, {"name": "svdit-search", "method": "dense",
                                    "dense_warmup_fraction": record.settings.warmup_fraction})
     handle = AccelerationHandle(pipe, find_adapter(pipe), profile)
-    method = _SearchMethod(record, scoring)
+    method = _SearchMethod(record)
     handle._layers = [LayerRouting(layer, [HeadGroup(method, tuple(range(handle.num_heads)))])
                       for layer in range(handle.num_layers)]
     for routing in handle._layers:
@@ -545,9 +540,11 @@ def profile_from_record(record: _Record, family: str, num_layers: int, num_heads
 
 
 def _peak_memory(device: torch.device) -> dict:
-    peak = {"host_max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    """Peak memory of this process so far, in MiB (profiles hold 32-bit integers; these are floats)."""
+    mib = 2.0**20
+    peak = {"host_max_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / mib, 1)}
     if device.type == "cuda":
-        peak["device_max_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
+        peak["device_max_allocated_mib"] = round(torch.cuda.max_memory_allocated(device) / mib, 1)
     return peak
 
 
@@ -568,8 +565,9 @@ def search_profile(
 
     ``call_args`` are the pipeline keyword arguments of the size to search at
     (size, frames, steps, guidance), without ``prompt``, ``generator`` or
-    ``output_type``.  With ``out``, partial work is kept in
-    ``<out>.partial.pt``; ``resume`` continues from it when its settings match.
+    ``output_type``.  With ``out``, what the search measured is kept in
+    ``<out>.record.pt``; ``resume`` continues from it (or, when it is
+    complete, only refits) when its settings match, ``budget`` aside.
     """
     from tqdm.auto import tqdm
 
@@ -583,10 +581,11 @@ def search_profile(
     num_layers, num_heads = len(adapter.attention_modules(pipe.transformer)), adapter.num_heads(pipe.transformer)
     units = [(str(prompt), int(seed)) for prompt in prompts for seed in seeds]
     record = _Record(settings)
-    partial = Path(str(out) + ".partial.pt") if out is not None else None
+    partial = Path(str(out) + ".record.pt") if out is not None else None
     if partial is not None and resume and partial.exists():
         state = torch.load(partial, weights_only=False)
-        if state["settings"] == dataclasses.asdict(settings) and all(unit in units for unit in state["units_done"]):
+        runs_alike = {**state["settings"], "budget": None} == {**dataclasses.asdict(settings), "budget": None}
+        if runs_alike and all(unit in units for unit in state["units_done"]):  # the budget only refits
             record.restore(state)
     device = pipe.transformer.device
     if device.type == "cuda":
@@ -602,7 +601,7 @@ def search_profile(
     started = time.perf_counter()
     bar = tqdm(total=len(todo), desc="search: prompts x seeds", disable=not progress or not todo)
     for prompt, seed in todo:
-        with _search_handle(pipe, record, scoring=lambda: True):
+        with _search_handle(pipe, record):
             pipe(prompt=prompt, generator=torch.Generator("cpu").manual_seed(seed), output_type="latent", **call_args)
         record.units_done.append((prompt, seed))
         record.seconds += time.perf_counter() - started
@@ -623,7 +622,8 @@ def search_profile(
         args, kwargs = _capture_inputs(pipe, prompt, seed, call_args, step)
         entries = _layer_entries(record, [settings.lam] * num_layers)
         _measure_sensitivity(pipe, adapter, args, kwargs, entries, todo_layers, record, save, progress)
-    record.seconds += time.perf_counter() - started
+        record.seconds += time.perf_counter() - started
+        save()
     provenance = {
         "model": model_name or type(pipe).__name__,
         "prompts": [str(p) for p in prompts],
@@ -636,8 +636,6 @@ def search_profile(
     if out is not None:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(yaml.safe_dump(profile, sort_keys=False, default_flow_style=None, width=100))
-        if partial is not None and partial.exists():
-            partial.unlink()
     return profile
 
 

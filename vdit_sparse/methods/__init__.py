@@ -11,10 +11,12 @@ from .dense import DenseMethod, SkipMethod
 from .block_sparse import BlockSparseMethod, SlidingFramesMethod
 from .svg import SVGMethod
 from .svdit import SVDiTMethod
+from .chipmunk import ChipmunkMethod
 
 __all__ = [
     "AttentionMethod",
     "BlockSparseMethod",
+    "ChipmunkMethod",
     "DenseMethod",
     "SVDiTMethod",
     "SVGMethod",

@@ -36,6 +36,9 @@ class AttentionMethod:
     2. :meth:`plan` returns the :class:`~vdit_sparse.plan.HeadPlan` of the
        call for the method's heads (``q``, ``k``, ``v`` hold just those heads).
        The layer joins the plans of all its methods and runs them in one launch.
+       A method whose attention is no block plan (Chipmunk's column-sparse
+       deltas) sets ``computes_attention = True`` and implements
+       :meth:`attend` instead; its heads run in their own launch.
     3. :meth:`finish` may change the method's heads' output (add a cached
        term, say) and read or fill ``call.state``.
 
@@ -54,6 +57,8 @@ class AttentionMethod:
     Params: ClassVar[type] = NoParams
     #: True when the method also computes its layers' feed-forwards (:meth:`feed_forward`).
     uses_feed_forward: ClassVar[bool] = False
+    #: True when the method computes its heads' attention itself (:meth:`attend`) instead of planning it.
+    computes_attention: ClassVar[bool] = False
 
     def __init__(self, params: Any):
         self.params = params
@@ -68,6 +73,11 @@ class AttentionMethod:
 
     def plan(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttentionCall) -> HeadPlan:
         """The plan for q, k, v ``(B, h, S, D)``: the ``h`` heads ``call.heads`` of this call."""
+        raise NotImplementedError
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttentionCall) -> tuple[torch.Tensor, float]:
+        """For ``computes_attention`` methods: the heads' output ``(B, h, S, D)`` and the fraction of dense
+        attention work it took."""
         raise NotImplementedError
 
     def finish(self, out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttentionCall) -> torch.Tensor:

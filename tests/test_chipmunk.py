@@ -1,0 +1,120 @@
+"""Chipmunk: column-sparse attention deltas cached across steps."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import run_pipeline
+from test_kernels import launches_kernel
+from vdit_sparse import accelerate_pipeline
+from vdit_sparse.context import AttentionCall, RunStats, StateStore, StepContext
+from vdit_sparse.geometry import LatentGrid, TokenLayout
+from vdit_sparse.methods.chipmunk import ChipmunkMethod, column_mass, select_columns
+from vdit_sparse.profile import ProfileError, load_profile
+from vdit_sparse.routing import HeadGroup, LayerRouting
+
+LAYOUT = TokenLayout(LatentGrid(5, 6, 7), 11, "suffix")  # the voxel below does not divide this grid
+
+
+def layer(backend="reference", **params) -> LayerRouting:
+    method = ChipmunkMethod(ChipmunkMethod.parse_params({"voxel": [2, 2, 4], "backend": backend, **params}))
+    return LayerRouting(0, [HeadGroup(method, (0, 1, 2))])
+
+
+def call(step: int, padding=None) -> AttentionCall:
+    return AttentionCall(0, StepContext(step, 50, 1.0, 0, LAYOUT), padding, RunStats())
+
+
+def qkv(seed: int, batch: int = 2):
+    gen = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(batch, 3, LAYOUT.seq_len, 16, generator=gen) for _ in range(3))
+
+
+def padding_mask(batch: int = 2) -> torch.Tensor:
+    mask = torch.ones(batch, LAYOUT.seq_len, dtype=torch.bool)
+    mask[-1, -4:] = False  # HunyuanVideo-style padded text at the end
+    return mask
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=launches_kernel)])
+def test_with_every_column_kept_a_sparse_step_is_dense_attention(backend):
+    routing, store, padding = layer(backend, top_k=1.0, random_fraction=0.0), StateStore(), padding_mask()
+    q, k, v = qkv(0)
+    first = routing.attend(q, k, v, call(0, padding), store)  # a dense step: fills the cache
+    assert (first - F.scaled_dot_product_attention(q, k, v, attn_mask=padding[:, None, None, :])).abs().max() == 0
+    q, k, v = qkv(1)  # the next step's inputs differ
+    out = routing.attend(q, k, v, call(3, padding), store)
+    dense = F.scaled_dot_product_attention(q, k, v, attn_mask=padding[:, None, None, :])
+    assert (out - dense).abs().max() <= 1e-5
+
+
+@launches_kernel
+def test_the_kernel_path_matches_the_reference_path():
+    outs = []
+    for backend in ("reference", "triton"):
+        routing, store = layer(backend, top_k=0.2), StateStore()
+        q, k, v = qkv(0)
+        routing.attend(q, k, v, call(0), store)
+        outs.append(routing.attend(*qkv(1), call(5), store))
+    torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=1e-5)
+
+
+def test_sparse_steps_reuse_the_cache_and_dense_steps_refresh_it():
+    routing, store = layer(top_k=0.1, dense_steps=[0, 10], schedule_steps=50), StateStore()
+    stats = RunStats()
+    q, k, v = qkv(0)
+    routing.attend(q, k, v, AttentionCall(0, StepContext(0, 50, 1.0, 0, LAYOUT), None, stats), store)
+    slot = store.slot((0, 0, 0))
+    cache, columns = slot["o_cache"], slot["columns"]
+    routing.attend(*qkv(1), AttentionCall(0, StepContext(5, 50, 1.0, 0, LAYOUT), None, stats), store)
+    assert slot["o_cache"] is cache  # a sparse step reads it
+    routing.attend(*qkv(2), AttentionCall(0, StepContext(10, 50, 1.0, 0, LAYOUT), None, stats), store)
+    assert slot["o_cache"] is not cache and not torch.equal(slot["columns"], columns)  # step 10 is dense again
+    assert columns.shape[-1] == 11 + 23 + 3  # every text key, 10% of the 221 keys by mass (rounded up), 1% at random
+    assert stats.calls == {"chipmunk": 3}
+
+
+def test_dense_steps_scale_with_the_step_count():
+    method = ChipmunkMethod(ChipmunkMethod.parse_params({"dense_steps": [0, 1, 10, 40], "schedule_steps": 50}))
+    dense = [s for s in range(25) if method.is_dense_step(StepContext(s, 25, 1.0, 0, LAYOUT))]
+    assert dense == [0, 1, 5, 20]
+
+
+def test_column_mass_and_selection():
+    q, k, _ = qkv(3)
+    mass = column_mass(q, k, 16)
+    groups = -(-LAYOUT.seq_len // 16)
+    assert mass.shape == (2, 3, groups, LAYOUT.seq_len)
+    full_groups = LAYOUT.seq_len // 16
+    torch.testing.assert_close(mass[:, :, :full_groups].sum(-1), torch.full((2, 3, full_groups), 16.0))
+    columns, counts = select_columns(mass, LAYOUT, 0.05, 0.0)
+    assert (counts == columns.shape[-1]).all()
+    text = torch.arange(LAYOUT.text_start, LAYOUT.text_end)
+    assert torch.isin(text, columns[0, 0, 0].long()).all()  # text keys always kept
+    heaviest = mass[0, 0, 0].masked_fill(LAYOUT.is_text(), -1).argmax()
+    assert heaviest in columns[0, 0, 0].tolist()
+
+
+def test_chipmunk_parameters_are_checked():
+    for params, words in (({"top_k": 0}, "top_k"), ({"voxel": [4, 4]}, "voxel"),
+                          ({"dense_steps": [60]}, "dense_steps"), ({"random_fraction": 1.0}, "random_fraction")):
+        with pytest.raises(ProfileError, match=words):
+            load_profile({"method": "chipmunk", "params": params})
+
+
+@pytest.mark.parametrize("videos", [1, 2])
+def test_in_a_pipeline_every_column_kept_gives_the_dense_video(family_pipe, videos):
+    """Batched CFG (CogVideoX), padded text (HunyuanVideo), and several videos per prompt."""
+    _, pipe = family_pipe
+    pipe.set_progress_bar_config(disable=True)
+    dense = run_pipeline(pipe, num_videos_per_prompt=videos)
+    profile = {"method": "chipmunk", "params": {"top_k": 1.0, "random_fraction": 0.0, "voxel": [1, 2, 2]}}
+    with accelerate_pipeline(pipe, profile) as handle:
+        out = run_pipeline(pipe, num_videos_per_prompt=videos)
+        summary = handle.summary()
+    assert summary["calls"]["chipmunk"] > 0 and summary["peak_state_bytes"] > 0
+    assert (out - dense).abs().max() <= 1e-4 * dense.abs().max()
+    with accelerate_pipeline(pipe, {**profile, "params": {**profile["params"], "top_k": 0.1}}):
+        assert not torch.allclose(run_pipeline(pipe, num_videos_per_prompt=videos), dense, atol=1e-3)

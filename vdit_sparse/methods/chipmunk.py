@@ -1,0 +1,187 @@
+"""Chipmunk: column-sparse attention deltas against a cached dense pass.
+
+Paper: Sharma et al., "Chipmunk: Training-Free Acceleration of Diffusion
+Transformers with Dynamic Column-Sparse Deltas" (2025).  Ours is written from
+its description, on our own kernels.
+
+Video queries are taken in :class:`~vdit_sparse.geometry.Voxels` order, so
+each run of ``voxel_size`` queries is one voxel of neighbouring tokens in
+space and time (the partial voxels of a grid the voxel does not divide come
+last).  A query group is one voxel.
+
+- **Dense steps** (``dense_steps``, on a schedule of ``schedule_steps``
+  steps, scaled to the run's step count; and any step without a cache)
+  compute exact attention.  Per query group they sum the attention
+  probabilities of each key column and keep the ``top_k`` share of the keys
+  with the most mass, plus a ``random_fraction`` share at random, plus every
+  text key.  They cache ``o_cache = O_dense - O_selected`` for the video
+  queries, where ``O_selected`` is attention over the kept columns only.
+- **Sparse steps** compute ``O = o_cache + O_selected`` with the
+  column-sparse kernel (:mod:`vdit_sparse.kernels.column_sparse_attention`),
+  which gathers each group's key and value columns.  Text queries stay dense.
+
+With ``top_k: 1`` every column is kept and a sparse step equals dense attention.
+The cache is one ``(B, H, N_video, D)`` tensor per layer and call kind; the
+handle's summary reports it (``state_bytes``).
+
+Example profile::
+
+    method: chipmunk
+    params: {top_k: 0.05, random_fraction: 0.01, voxel: [4, 6, 8], dense_steps: [0, 1, 10, 40]}
+    dense_layers: [0, 1]
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import List
+
+import torch
+import torch.nn.functional as F
+
+from ..context import AttentionCall
+from ..geometry import TokenLayout, Voxels
+from .base import AttentionMethod, register_method
+from .block_sparse import BACKENDS, resolve_backend
+
+__all__ = ["ChipmunkMethod", "ChipmunkParams", "column_mass", "select_columns"]
+
+
+@dataclass
+class ChipmunkParams:
+    #: Voxel (frames, height, width) in latent tokens: a query group.
+    voxel: List[int] = field(default_factory=lambda: [4, 6, 8])
+    #: Share of the keys each query group keeps on sparse steps (those with the most attention mass).
+    top_k: float = 0.05
+    #: Share of the keys added at random to each group's columns.
+    random_fraction: float = 0.01
+    #: Steps that recompute dense attention and the cache, on a schedule of ``schedule_steps`` steps.
+    dense_steps: List[int] = field(default_factory=lambda: [0, 1, 10, 40])
+    schedule_steps: int = 50
+    backend: str = "auto"
+
+    def validate(self) -> str | None:
+        if len(self.voxel) != 3 or any(size < 1 for size in self.voxel):
+            return f"field 'voxel' must be three positive sizes (frames, height, width), got {self.voxel}"
+        if not 0.0 < self.top_k <= 1.0:
+            return f"field 'top_k' must be in (0, 1], got {self.top_k}"
+        if not 0.0 <= self.random_fraction < 1.0:
+            return f"field 'random_fraction' must be in [0, 1), got {self.random_fraction}"
+        if self.schedule_steps < 1:
+            return f"field 'schedule_steps' must be >= 1, got {self.schedule_steps}"
+        if not self.dense_steps or any(not 0 <= s < self.schedule_steps for s in self.dense_steps):
+            return f"field 'dense_steps' must list steps in [0, {self.schedule_steps}), got {self.dense_steps}"
+        if self.backend not in BACKENDS:
+            return f"field 'backend' must be one of {BACKENDS}, got {self.backend!r}"
+        return None
+
+
+def _attention(q, k, v, key_padding_mask) -> torch.Tensor:
+    mask = key_padding_mask[:, None, None, :] if key_padding_mask is not None else None
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def column_mass(q: torch.Tensor, k: torch.Tensor, group_size: int, key_padding_mask: torch.Tensor | None = None,
+                chunk_bytes: int = 2**28) -> torch.Tensor:
+    """float32 ``(B, H, G, S)``: per group of ``group_size`` consecutive query rows, each key's summed probability.
+
+    Computed in chunks of groups, so memory stays near ``chunk_bytes``.
+    """
+    batch, heads, rows, _ = q.shape
+    seq_len = k.shape[2]
+    groups = -(-rows // group_size)
+    per_group = batch * heads * group_size * seq_len * 4
+    step = max(1, chunk_bytes // per_group)
+    mass = torch.empty(batch, heads, groups, seq_len, dtype=torch.float32, device=q.device)
+    for first in range(0, groups, step):
+        last = min(groups, first + step)
+        scores = torch.matmul(q[:, :, first * group_size : last * group_size], k.transpose(-1, -2)).float()
+        scores.mul_(q.shape[-1] ** -0.5)
+        if key_padding_mask is not None:
+            scores.masked_fill_(~key_padding_mask[:, None, None, :], float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        count = probs.shape[2]
+        padded = (last - first) * group_size
+        if count < padded:  # the last group is partial
+            probs = F.pad(probs, (0, 0, 0, padded - count))
+        mass[:, :, first:last] = probs.view(batch, heads, last - first, group_size, seq_len).sum(dim=3)
+    return mass
+
+
+def select_columns(mass: torch.Tensor, layout: TokenLayout, top_k: float, random_fraction: float,
+                   generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """int32 ``(B, H, G, K)`` ascending columns and ``(B, H, G)`` counts: every text key, the ``top_k`` share of
+    keys with the most mass, and a ``random_fraction`` share of the rest at random."""
+    seq_len = mass.shape[-1]
+    text = layout.is_text(mass.device)
+    num_top = min(math.ceil(top_k * seq_len), seq_len - layout.text_length)
+    num_random = min(math.ceil(random_fraction * seq_len), seq_len - layout.text_length - num_top)
+    ranked = mass.masked_fill(text, float("inf"))  # text first, then the heaviest columns
+    chosen = ranked.topk(layout.text_length + num_top, dim=-1).indices
+    if num_random > 0:
+        noise = torch.rand(mass.shape, generator=generator, device=mass.device)
+        noise.scatter_(-1, chosen, -1.0)  # the chosen ones are not drawn again
+        chosen = torch.cat([chosen, noise.topk(num_random, dim=-1).indices], dim=-1)
+    columns = chosen.sort(dim=-1).values.to(torch.int32).contiguous()
+    counts = torch.full(columns.shape[:3], columns.shape[-1], dtype=torch.int32, device=mass.device)
+    return columns, counts
+
+
+@register_method
+class ChipmunkMethod(AttentionMethod):
+    """Column-sparse attention deltas cached across steps; see the module docstring."""
+
+    name = "chipmunk"
+    Params = ChipmunkParams
+    computes_attention = True
+
+    def is_dense_step(self, step) -> bool:
+        """Scheduled step ``s`` of ``schedule_steps`` is step ``floor(s * num_steps / schedule_steps + 1/2)`` of the run."""
+        p = self.params
+        return step.step_index in {math.floor(s * step.num_steps / p.schedule_steps + 0.5) for s in p.dense_steps}
+
+    def _selected(self, q_video, k, v, columns, counts, group_size, key_padding_mask, backend):
+        if backend == "triton":
+            from ..kernels.column_sparse_attention import column_sparse_attention
+
+            block_m = next((m for m in (64, 32, 16) if group_size % m == 0), None)
+            if block_m is None:
+                raise ValueError(
+                    f"chipmunk: a voxel of {group_size} tokens is no multiple of 16, which the column-sparse kernel "
+                    "needs; choose voxel sizes whose product is"
+                )
+            return column_sparse_attention(q_video, k, v, columns, counts, group_size=group_size, block_m=block_m,
+                                           key_padding_mask=key_padding_mask)
+        from ..kernels.reference import column_sparse_attention_reference
+
+        return column_sparse_attention_reference(q_video, k, v, columns, counts, group_size=group_size,
+                                                 key_padding_mask=key_padding_mask, upcast=False)
+
+    def attend(self, q, k, v, call: AttentionCall):
+        layout, state, padding = call.layout, call.state, call.key_padding_mask
+        backend = resolve_backend(self.params.backend, q)
+        voxels = Voxels(*self.params.voxel)
+        order = layout.order(voxels, q.device)
+        video_rows = order[layout.video_start : layout.video_end]  # video tokens, voxel by voxel
+        group_size = voxels.voxel_size
+        q_video = q[:, :, video_rows]
+        seq_len, num_video = layout.seq_len, video_rows.numel()
+        cached = state.get("o_cache")
+        if self.is_dense_step(call.step) or cached is None or cached.shape != q_video.shape:
+            out = _attention(q, k, v, padding)
+            mass = column_mass(q_video, k, group_size, padding)
+            generator = torch.Generator(q.device).manual_seed(call.layer_index * 1000 + call.step.step_index)
+            columns, counts = select_columns(mass, layout, self.params.top_k, self.params.random_fraction, generator)
+            selected = self._selected(q_video, k, v, columns, counts, group_size, padding, backend)
+            state.update(o_cache=out[:, :, video_rows] - selected, columns=columns, counts=counts)
+            # the dense pass, the column-mass pass (its products q k^T: half a pass) and the selected pass
+            return out, 1.0 + 0.5 * num_video / seq_len + num_video * columns.shape[-1] / seq_len**2
+        columns, counts = state["columns"], state["counts"]
+        out = torch.empty_like(q)
+        out[:, :, video_rows] = state["o_cache"] + self._selected(q_video, k, v, columns, counts, group_size,
+                                                                  padding, backend)
+        text = slice(layout.text_start, layout.text_end)
+        if layout.text_length:
+            out[:, :, text] = _attention(q[:, :, text], k, v, padding)
+        return out, (layout.text_length * seq_len + num_video * columns.shape[-1]) / seq_len**2
