@@ -15,7 +15,12 @@ forward that builds plans and tunes kernels) per configuration:
   classified at every step (``reprofile_every: 1``, the most expensive);
 - ``svg-<d>-spatial``: every head forced spatial (no classification, no token
   order): the difference to ``svg-<d>`` is the cost of classifying and of the
-  layout transformation.
+  layout transformation;
+- ``chipmunk-<k>``: Chipmunk attention deltas keeping ``k`` of the keys, the
+  first two layers dense, timed on a sparse step (the untimed forward fills
+  the cache) and, as ``chipmunk-<k>-dense-step``, on a scheduled dense step
+  (step 0: dense attention, column mass, selection and the cache).  The
+  50-step composition uses the default schedule's 4 dense steps.
 
 ``--compile-configs`` times the same under ``torch.compile(transformer)``
 (applied after vdit-sparse, as the README says): the first call's time
@@ -62,7 +67,7 @@ COGVIDEOX_5B = dict(
     timestep_activation_fn="silu", norm_elementwise_affine=True, norm_eps=1e-5, spatial_interpolation_scale=1.875,
     temporal_interpolation_scale=1.0, use_rotary_positional_embeddings=True, use_learned_positional_embeddings=False,
 )
-CONFIGS = ("dense", "floor", "floor-qk", "svg", "svg-spatial")
+CONFIGS = ("dense", "floor", "floor-qk", "svg", "svg-spatial", "chipmunk")
 # Latent inputs per model: 49 frames at 480x720 -> 13 x 60 x 90 latents, B = 2 (batched CFG);
 # 129 frames at 720x1280 -> 33 x 90 x 160 latents, B = 1.
 SHAPES = {"cogvideox-5b": dict(frames=13, height=60, width=90), "hunyuan-video": dict(frames=33, height=90, width=160)}
@@ -72,6 +77,7 @@ def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", choices=sorted(SHAPES), required=True)
     parser.add_argument("--densities", type=float, nargs="+", default=[0.25])
+    parser.add_argument("--top-k", type=float, nargs="+", default=[0.05], help="chipmunk's kept share of keys")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--warmup-steps", type=int, default=10, help="dense steps of the composed 50-step run")
     parser.add_argument("--repeats", type=int, default=3, help="timed forwards per configuration (median)")
@@ -310,10 +316,17 @@ def main():
                     runs.append((f"svg-{density}", svg(density, "auto"), {"density": density}))
                 if "svg-spatial" in wanted:
                     runs.append((f"svg-{density}-spatial", svg(density, "spatial"), {"density": density}))
+            if "chipmunk" in wanted:
+                for top_k in args.top_k:
+                    profile = {"name": f"chipmunk-{top_k}", "method": "chipmunk", "dense_layers": [0, 1],
+                               "params": {"top_k": top_k}}
+                    runs.append((f"chipmunk-{top_k}", profile, {"top_k": top_k}))
+                    runs.append((f"chipmunk-{top_k}-dense-step", profile, {"top_k": top_k, "at_step": 0}))
             for name, profile, extra in runs:
                 floor = attention_replaced(name == "floor-qk") if name.startswith("floor") else contextlib.nullcontext()
+                at = extra.get("at_step", step)
                 with floor:
-                    row = {"mode": mode, **extra, **measure(model, inputs, pipe, batch, step, args, profile, compiled)}
+                    row = {"mode": mode, **extra, **measure(model, inputs, pipe, batch, at, args, profile, compiled)}
                 configs[prefix + name] = row
                 print(f"{prefix + name}: {row['step_s']:.3f} s" + "".join(
                     f", {key} {row[key]}" for key in ("first_call_s", "recompiled_after_first_call", "computed_fraction",
@@ -342,6 +355,16 @@ def main():
                 "dense_total_s": args.steps * dense,
                 "sparse_total_s": sparse_total,
                 "speedup": args.steps * dense / sparse_total,
+            }
+    for top_k in args.top_k:
+        sparse_name, dense_name = f"chipmunk-{top_k}", f"chipmunk-{top_k}-dense-step"
+        if sparse_name in configs and dense_name in configs and "dense" in configs:
+            dense, sparse, refresh = (configs[n]["step_s"] for n in ("dense", sparse_name, dense_name))
+            total = 4 * refresh + (args.steps - 4) * sparse
+            results.setdefault("composed", {})[sparse_name] = {
+                "schedule": f"4 of {args.steps} steps dense with the cache refreshed (steps 0, 1, 10, 40), "
+                f"the rest {sparse_name}", "dense_total_s": args.steps * dense, "sparse_total_s": total,
+                "speedup": args.steps * dense / total,
             }
     print(json.dumps({k: results[k] for k in ("classification_and_layout", "composed") if k in results}, indent=2))
     args.out.parent.mkdir(parents=True, exist_ok=True)
