@@ -158,13 +158,16 @@ def forward(model, inputs, pipe, batch: int, step: int):
     model(**inputs, timestep=timestep.expand(batch), return_dict=False)
 
 
-def timed(model, inputs, pipe, batch, step, repeats, device) -> float:
+def timed(model, inputs, pipe, batch, step, repeats, device, later_steps=None) -> float:
+    """Median time of ``repeats`` forwards at ``step`` after an untimed one there; with ``later_steps``, the
+    timed forwards run at those steps instead (a method with state across steps sees a run advance:
+    repeated forwards at one step are what separate CFG calls look like)."""
     forward(model, inputs, pipe, batch, step)  # warm-up: plans, autotuning, lazy initialisation
     times = []
-    for _ in range(repeats):
+    for repeat in range(repeats):
         synchronize(device)
         start = time.perf_counter()
-        forward(model, inputs, pipe, batch, step)
+        forward(model, inputs, pipe, batch, later_steps[repeat] if later_steps else step)
         synchronize(device)
         times.append(time.perf_counter() - start)
     return sorted(times)[len(times) // 2]
@@ -226,7 +229,7 @@ def attention_replaced(keep_queries_and_keys: bool = False):
         torch.nn.functional.scaled_dot_product_attention = original
 
 
-def measure(model, inputs, pipe, batch, step, args, profile, compiled: bool) -> dict:
+def measure(model, inputs, pipe, batch, step, args, profile, compiled: bool, later_steps=None) -> dict:
     """One configuration: the step time, and (eager) its profiler counts or (compiled) its compile figures.
 
     ``profile`` None is the untouched model.  Compiled, the first forward
@@ -258,8 +261,8 @@ def measure(model, inputs, pipe, batch, step, args, profile, compiled: bool) -> 
             row["graph_breaks"] = {reason.splitlines()[0][:120]: n for reason, n in counters["graph_break"].items()}
         else:
             runner = model
-        row["step_s"] = timed(runner, inputs, pipe, batch, step, args.repeats, args.device)
-        if not compiled:
+        row["step_s"] = timed(runner, inputs, pipe, batch, step, args.repeats, args.device, later_steps)
+        if not compiled and later_steps is None:
             row.update(profile_counts(runner, inputs, pipe, batch, step, args.device))
         if handle is not None:
             summary = handle.summary()
@@ -320,13 +323,17 @@ def main():
                 for top_k in args.top_k:
                     profile = {"name": f"chipmunk-{top_k}", "method": "chipmunk", "dense_layers": [0, 1],
                                "params": {"top_k": top_k}}
-                    runs.append((f"chipmunk-{top_k}", profile, {"top_k": top_k}))
-                    runs.append((f"chipmunk-{top_k}-dense-step", profile, {"top_k": top_k, "at_step": 0}))
+                    # sparse steps after a refresh at `step`; refresh steps 1, 10, 40 after step 0
+                    sparse_steps = [s for s in range(step + 1, args.steps) if s not in (10, 40)][: args.repeats]
+                    runs.append((f"chipmunk-{top_k}", profile, {"top_k": top_k, "later_steps": sparse_steps}))
+                    runs.append((f"chipmunk-{top_k}-dense-step", profile,
+                                 {"top_k": top_k, "at_step": 0, "later_steps": [1, 10, 40][: args.repeats]}))
             for name, profile, extra in runs:
                 floor = attention_replaced(name == "floor-qk") if name.startswith("floor") else contextlib.nullcontext()
-                at = extra.get("at_step", step)
+                at, later = extra.get("at_step", step), extra.get("later_steps")
                 with floor:
-                    row = {"mode": mode, **extra, **measure(model, inputs, pipe, batch, at, args, profile, compiled)}
+                    row = {"mode": mode, **extra,
+                           **measure(model, inputs, pipe, batch, at, args, profile, compiled, later)}
                 configs[prefix + name] = row
                 print(f"{prefix + name}: {row['step_s']:.3f} s" + "".join(
                     f", {key} {row[key]}" for key in ("first_call_s", "recompiled_after_first_call", "computed_fraction",
