@@ -118,3 +118,43 @@ def test_in_a_pipeline_every_column_kept_gives_the_dense_video(family_pipe, vide
     assert (out - dense).abs().max() <= 1e-4 * dense.abs().max()
     with accelerate_pipeline(pipe, {**profile, "params": {**profile["params"], "top_k": 0.1}}):
         assert not torch.allclose(run_pipeline(pipe, num_videos_per_prompt=videos), dense, atol=1e-3)
+
+
+def test_mlp_delta_with_every_unit_recomputed_is_the_feed_forward():
+    from vdit_sparse.context import FeedForwardCall
+    from vdit_sparse.pipelines.base import gelu_feed_forward_site
+    from diffusers.models.attention import FeedForward
+
+    torch.manual_seed(0)
+    module = FeedForward(24, mult=4, activation_fn="gelu-approximate").eval()
+    site = gelu_feed_forward_site(0, "joint", module)
+    method = ChipmunkMethod(ChipmunkMethod.parse_params({"mlp_top_k": 1.0, "mlp_block": 16, "dense_steps": [0]}))
+    state: dict = {}
+
+    def ff_call(step):
+        return FeedForwardCall(0, "joint", StepContext(step, 50, 1.0, 0, LAYOUT), state)
+
+    with torch.no_grad():
+        x0, x1, x2 = (torch.randn(2, 37, 24) for _ in range(3))  # 37 tokens: the last block is partial
+        torch.testing.assert_close(method.feed_forward(site, x0, ff_call(0)), module(x0))  # dense: fills the cache
+        for step, x in ((1, x1), (2, x2)):  # sparse steps: deltas on top of the updated cache
+            assert (method.feed_forward(site, x, ff_call(step)) - module(x)).abs().max() <= 1e-5
+        partial = ChipmunkMethod(ChipmunkMethod.parse_params({"mlp_top_k": 0.25, "mlp_block": 16, "dense_steps": [0]}))
+        state.clear()
+        partial.feed_forward(site, x0, ff_call(0))
+        assert state["units"].shape == (2, 3, 24)  # 3 blocks of 16 tokens, a quarter of 96 hidden units each
+        out = partial.feed_forward(site, x1, ff_call(1))
+        assert not torch.allclose(out, module(x1), atol=1e-3) and not torch.allclose(out, module(x0), atol=1e-3)
+
+
+def test_in_a_pipeline_every_column_and_unit_kept_gives_the_dense_video(family_pipe):
+    _, pipe = family_pipe
+    dense = run_pipeline(pipe)
+    params = {"top_k": 1.0, "random_fraction": 0.0, "voxel": [1, 2, 2], "mlp_top_k": 1.0, "mlp_block": 8}
+    with accelerate_pipeline(pipe, {"method": "chipmunk", "params": params}) as handle:
+        out = run_pipeline(pipe)
+        with_mlp = handle.summary()["peak_state_bytes"]
+    assert (out - dense).abs().max() <= 1e-4 * dense.abs().max()
+    with accelerate_pipeline(pipe, {"method": "chipmunk", "params": {**params, "mlp_top_k": None}}) as handle:
+        run_pipeline(pipe)
+        assert handle.summary()["peak_state_bytes"] < with_mlp  # the feed-forward caches were in use

@@ -21,6 +21,15 @@ last).  A query group is one voxel.
   which gathers each group's key and value columns.  Text queries stay dense.
 
 With ``top_k: 1`` every column is kept and a sparse step equals dense attention.
+
+**MLP deltas** (``mlp_top_k``, off by default): the GELU feed-forwards of the
+method's layers (the sites an adapter names as one module) run dense on the
+dense steps and cache their post-activation hidden units and output.  On a
+sparse step each block of ``mlp_block`` tokens recomputes only its
+``mlp_top_k`` share of hidden units, those whose activation changed most
+between the last two dense steps (by magnitude after the first), and adds
+``(a_new - a_cached) @ W_down`` for them to the cached output; both caches
+take the new values.  With ``mlp_top_k: 1`` the feed-forward is exact.
 The cache is one ``(B, H, N_video, D)`` tensor per layer and call kind; the
 handle's summary reports it (``state_bytes``).
 
@@ -35,7 +44,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import List
+from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -59,6 +68,10 @@ class ChipmunkParams:
     #: Steps that recompute dense attention and the cache, on a schedule of ``schedule_steps`` steps.
     dense_steps: List[int] = field(default_factory=lambda: [0, 1, 10, 40])
     schedule_steps: int = 50
+    #: Share of hidden units each token block recomputes in the feed-forwards on sparse steps (None: MLPs dense).
+    mlp_top_k: Optional[float] = None
+    #: Tokens per block of the MLP deltas.
+    mlp_block: int = 128
     backend: str = "auto"
 
     def validate(self) -> str | None:
@@ -72,6 +85,10 @@ class ChipmunkParams:
             return f"field 'schedule_steps' must be >= 1, got {self.schedule_steps}"
         if not self.dense_steps or any(not 0 <= s < self.schedule_steps for s in self.dense_steps):
             return f"field 'dense_steps' must list steps in [0, {self.schedule_steps}), got {self.dense_steps}"
+        if self.mlp_top_k is not None and not 0.0 < self.mlp_top_k <= 1.0:
+            return f"field 'mlp_top_k' must be in (0, 1] or null, got {self.mlp_top_k}"
+        if self.mlp_block < 1:
+            return f"field 'mlp_block' must be >= 1, got {self.mlp_block}"
         if self.backend not in BACKENDS:
             return f"field 'backend' must be one of {BACKENDS}, got {self.backend!r}"
         return None
@@ -136,6 +153,10 @@ class ChipmunkMethod(AttentionMethod):
     Params = ChipmunkParams
     computes_attention = True
 
+    @property
+    def uses_feed_forward(self) -> bool:
+        return self.params.mlp_top_k is not None
+
     def is_dense_step(self, step) -> bool:
         """Scheduled step ``s`` of ``schedule_steps`` is step ``floor(s * num_steps / schedule_steps + 1/2)`` of the run."""
         p = self.params
@@ -185,3 +206,50 @@ class ChipmunkMethod(AttentionMethod):
         if layout.text_length:
             out[:, :, text] = _attention(q[:, :, text], k, v, padding)
         return out, (layout.text_length * seq_len + num_video * columns.shape[-1]) / seq_len**2
+
+    def feed_forward(self, site, x, call):
+        if call.step.warmup:
+            return None
+        p, state = self.params, call.state
+        cached = state.get("activation")
+        if self.is_dense_step(call.step) or cached is None or cached.shape[:2] != x.shape[:2]:
+            activation = site.activation(site.up(x))
+            out = site.down(activation)
+            change = (activation - cached).abs() if cached is not None and cached.shape == activation.shape else activation.abs()
+            state.update(activation=activation, out=out, units=_top_units(change, p.mlp_block, p.mlp_top_k))
+            return out
+        return _mlp_delta(site, x, state, p.mlp_block)
+
+
+def _blocks(x: torch.Tensor, block: int) -> torch.Tensor:
+    """``(B, T, C)`` -> ``(B, nb, block, C)``, the last block padded with zeros."""
+    batch, tokens, width = x.shape
+    padded = -(-tokens // block) * block
+    return F.pad(x, (0, 0, 0, padded - tokens)).view(batch, padded // block, block, width)
+
+
+def _top_units(change: torch.Tensor, block: int, share: float) -> torch.Tensor:
+    """int64 ``(B, nb, m)``: per token block the ``share`` of hidden units with the largest summed ``change``."""
+    count = max(1, math.ceil(share * change.shape[-1]))
+    return _blocks(change, block).sum(dim=2).topk(count, dim=-1).indices
+
+
+def _mlp_delta(site, x: torch.Tensor, state: dict, block: int) -> torch.Tensor:
+    """The feed-forward from its cache, recomputing each block's chosen hidden units (both caches updated)."""
+    batch, tokens, _ = x.shape
+    units = state["units"]  # (B, nb, m)
+    x_blocks = _blocks(x, block)  # (B, nb, block, C)
+    w_up = site.up.weight[units]  # (B, nb, m, C)
+    pre = torch.einsum("bntc,bnmc->bntm", x_blocks, w_up)
+    if site.up.bias is not None:
+        pre = pre + site.up.bias[units][:, :, None, :]
+    new = site.activation(pre)  # (B, nb, block, m)
+    activation = _blocks(state["activation"], block)  # a view of the cache, blocks of it
+    index = units[:, :, None, :].expand_as(new)
+    delta = new - activation.gather(-1, index)
+    w_down = site.down.weight.t()[units]  # (B, nb, m, C_out)
+    change = torch.einsum("bntm,bnmo->bnto", delta, w_down).reshape(batch, -1, w_down.shape[-1])[:, :tokens]
+    state["out"] = state["out"] + change
+    updated = activation.scatter(-1, index, new).reshape(batch, -1, activation.shape[-1])[:, :tokens]
+    state["activation"] = updated
+    return state["out"]
