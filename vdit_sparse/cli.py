@@ -322,7 +322,7 @@ def _cmd_profiles(args) -> int:
 
     for name in builtin_profiles():
         description = " ".join(load_profile(name).profile.description.split())
-        print(f"{name:20s} {description}")
+        print(f"{name:24s} {description}")
     return 0
 
 
