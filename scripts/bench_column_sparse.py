@@ -101,7 +101,6 @@ def main() -> None:
                       f"rel L2 {max(errors):.2e}", flush=True)
             row["fractions"][str(fraction)] = entry
         results["shapes"][name] = row
-        del q, k, v
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {args.out}")

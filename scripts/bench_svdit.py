@@ -46,7 +46,7 @@ from pathlib import Path
 import torch
 
 from scripts.bench_step import build, forward, synchronize, timed
-from vdit_sparse.geometry import LatentGrid, TokenLayout
+from vdit_sparse.geometry import TokenLayout
 from vdit_sparse.kernels.block_sizes import default_block_sizes
 from vdit_sparse.methods.svdit import format_column_ranges, mode_plan
 from vdit_sparse.plan import combine_plans, run_plan
@@ -81,7 +81,6 @@ def stripe_columns(layout: TokenLayout, density: float, block_n: int) -> list[st
 
 
 def head_modes() -> list[str]:
-    modes = [mode for mode, count in MIX.items() for _ in range(count)]
     order = ["diagonal", "multi_diagonal", "vertical_stripe"]  # interleave, so heads of one mode are not adjacent
     sparse = [order[i % 3] for i in range(sum(MIX[m] for m in order))]
     return ["skip"] + sparse[:10] + ["dense"] + sparse[10:] + ["dense"]
@@ -250,7 +249,7 @@ def part_search(pipe, model, inputs, batch, step, layout, num_layers, block_n, a
     record = _Record(SearchSettings())
     if on_gpu:
         torch.cuda.reset_peak_memory_stats()
-    with _search_handle(pipe, record, scoring=lambda: True):
+    with _search_handle(pipe, record):
         searched = [cuda_time(lambda: forward(model, inputs, pipe, batch, step), 1, args.device)]
     peak_search = torch.cuda.max_memory_allocated() if on_gpu else None
     dense = timed(model, inputs, pipe, batch, step, 1, args.device)
