@@ -170,7 +170,7 @@ class ChipmunkMethod(AttentionMethod):
             if block_m is None:
                 raise ValueError(
                     f"chipmunk: a voxel of {group_size} tokens is no multiple of 16, which the column-sparse kernel "
-                    "needs; choose voxel sizes whose product is"
+                    "needs; choose voxel sizes whose product is a multiple of 16 (the default 4 x 6 x 8 is 192)"
                 )
             return column_sparse_attention(q_video, k, v, columns, counts, group_size=group_size, block_m=block_m,
                                            key_padding_mask=key_padding_mask)
