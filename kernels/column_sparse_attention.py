@@ -166,7 +166,7 @@ def column_sparse_attention(
     rows, 32 columns at a time, 4 warps) were the fastest of those timed by
     ``scripts/bench_column_sparse.py`` on an H200 at both real shapes
     (``benchmarks/results/column-sparse-h200.json``).  Returns the output, and with
-    ``return_lse`` also the float32 log-sum-exp ``(B, H, S)`` of each row's
+    ``return_lse`` also the float32 log-sum-exp ``(B, H, R)`` of each row's
     scaled scores over its keys; ``key_padding_mask`` is bool ``(B, S)``.
     """
     _check_inputs(q, k, v, columns, counts, group_size, block_m, key_padding_mask)
