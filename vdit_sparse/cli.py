@@ -100,8 +100,8 @@ def _add_search_parser(commands) -> None:
     se.add_argument("--guidance-scale", type=float, default=None)
     se.add_argument("--negative-prompt", default=None)
     se.add_argument("--budget", type=float, default=defaults.budget,
-                    help="target fraction of attention work on a sparse step (0-1]: the most sensitive layers "
-                    "go dense and the cost weight is fitted to it (default: none, use --lam)")
+                    help="target fraction of attention work on a sparse step (0-1]: the cost weight is fitted to "
+                    "it, errors weighted by layer sensitivity (default: none, use --lam)")
     se.add_argument("--lam", type=float, default=defaults.lam, help=f"cost weight (default {defaults.lam})")
     se.add_argument("--epsilon", type=float, default=defaults.epsilon,
                     help=f"largest error a chosen mode may have (default {defaults.epsilon})")
