@@ -14,6 +14,7 @@ __all__ = [
     "expand_block_mask",
     "indices_to_block_mask",
     "block_sparse_attention_reference",
+    "column_mass_reference",
     "column_sparse_attention_reference",
     "gather_rows_reference",
     "masked_row_errors_reference",
@@ -80,6 +81,33 @@ def column_sparse_attention_reference(
     group_mask.scatter_(-1, torch.where(listed, columns.long(), seq_len), True)  # past the count: a spare column
     token_mask = group_mask[..., :seq_len].repeat_interleave(group_size, dim=-2)[..., :rows, :]
     return _masked_attention(q, k, v, token_mask, scale, key_padding_mask, return_lse, upcast)
+
+
+def column_mass_reference(q: torch.Tensor, k: torch.Tensor, group_size: int,
+                          key_padding_mask: torch.Tensor | None = None, chunk_bytes: int = 2**28) -> torch.Tensor:
+    """:func:`~vdit_sparse.kernels.column_mass.column_mass` from the softmax itself: float32 ``(B, H, G, S)``, per
+    group of ``group_size`` consecutive query rows each key's summed probability.  In chunks of groups, so memory
+    stays near ``chunk_bytes``."""
+    batch, heads, rows, _ = q.shape
+    seq_len = k.shape[2]
+    groups = -(-rows // group_size)
+    per_group = batch * heads * group_size * seq_len * 4
+    step = max(1, chunk_bytes // per_group)
+    mass = torch.empty(batch, heads, groups, seq_len, dtype=torch.float32, device=q.device)
+    for first in range(0, groups, step):
+        last = min(groups, first + step)
+        scores = torch.matmul(q[:, :, first * group_size : last * group_size], k.transpose(-1, -2)).float()
+        scores.mul_(q.shape[-1] ** -0.5)
+        if key_padding_mask is not None:
+            scores.masked_fill_(~key_padding_mask[:, None, None, :], float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        count = probs.shape[2]
+        padded = (last - first) * group_size
+        if count < padded:  # the last group is partial
+            probs = torch.nn.functional.pad(probs, (0, 0, 0, padded - count))
+        mass[:, :, first:last] = probs.view(batch, heads, last - first, group_size, seq_len).sum(dim=3)
+    return mass
+
 
 
 def _masked_attention(q, k, v, token_mask, scale, key_padding_mask, return_lse, upcast):

@@ -11,7 +11,8 @@ from test_kernels import launches_kernel
 from vdit_sparse import accelerate_pipeline
 from vdit_sparse.context import AttentionCall, RunStats, StateStore, StepContext
 from vdit_sparse.geometry import LatentGrid, TokenLayout
-from vdit_sparse.methods.chipmunk import ChipmunkMethod, column_mass, select_columns
+from vdit_sparse.kernels.reference import column_mass_reference
+from vdit_sparse.methods.chipmunk import ChipmunkMethod, select_columns
 from vdit_sparse.profile import ProfileError, load_profile
 from vdit_sparse.routing import HeadGroup, LayerRouting
 
@@ -43,7 +44,7 @@ def test_with_every_column_kept_a_sparse_step_is_dense_attention(backend):
     routing, store, padding = layer(backend, top_k=1.0, random_fraction=0.0), StateStore(), padding_mask()
     q, k, v = qkv(0)
     first = routing.attend(q, k, v, call(0, padding), store)  # a dense step: fills the cache
-    assert (first - F.scaled_dot_product_attention(q, k, v, attn_mask=padding[:, None, None, :])).abs().max() == 0
+    assert (first - F.scaled_dot_product_attention(q, k, v, attn_mask=padding[:, None, None, :])).abs().max() <= 1e-5
     q, k, v = qkv(1)  # the next step's inputs differ
     out = routing.attend(q, k, v, call(3, padding), store)
     dense = F.scaled_dot_product_attention(q, k, v, attn_mask=padding[:, None, None, :])
@@ -84,7 +85,7 @@ def test_dense_steps_scale_with_the_step_count():
 
 def test_column_mass_and_selection():
     q, k, _ = qkv(3)
-    mass = column_mass(q, k, 16)
+    mass = column_mass_reference(q, k, 16)
     groups = -(-LAYOUT.seq_len // 16)
     assert mass.shape == (2, 3, groups, LAYOUT.seq_len)
     full_groups = LAYOUT.seq_len // 16
@@ -158,3 +159,23 @@ def test_in_a_pipeline_every_column_and_unit_kept_gives_the_dense_video(family_p
     with accelerate_pipeline(pipe, {"method": "chipmunk", "params": {**params, "mlp_top_k": None}}) as handle:
         run_pipeline(pipe)
         assert handle.summary()["peak_state_bytes"] < with_mlp  # the feed-forward caches were in use
+
+
+@launches_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_column_mass_kernel_matches_its_reference(dtype):
+    from vdit_sparse.kernels.column_mass import column_mass
+    from vdit_sparse.kernels.reference import block_sparse_attention_reference
+    from vdit_sparse.plan import dense_plan
+
+    q, k, v = (t.to(dtype) for t in qkv(4))
+    padding = padding_mask()
+    rows = torch.randperm(LAYOUT.seq_len, generator=torch.Generator().manual_seed(0))[:150]  # 150 rows: a partial group
+    plan = dense_plan(LAYOUT.seq_len, 3, 16, 16, "cpu")
+    _, lse = block_sparse_attention_reference(q, k, v, plan.kv_block_indices, plan.kv_block_counts, block_m=16,
+                                              block_n=16, key_padding_mask=padding, return_lse=True)
+    got = column_mass(q[:, :, rows], k, lse[:, :, rows], 48, key_padding_mask=padding, block_m=16, block_n=32)
+    expected = column_mass_reference(q[:, :, rows].float(), k.float(), 48, padding)
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got, expected, rtol=tolerance, atol=tolerance)
+    assert got[..., ~padding[1]][1].abs().max() == 0  # masked keys get no mass

@@ -54,7 +54,7 @@ from ..geometry import TokenLayout, Voxels
 from .base import AttentionMethod, register_method
 from .block_sparse import BACKENDS, resolve_backend
 
-__all__ = ["ChipmunkMethod", "ChipmunkParams", "column_mass", "select_columns"]
+__all__ = ["ChipmunkMethod", "ChipmunkParams", "select_columns"]
 
 
 @dataclass
@@ -97,33 +97,6 @@ class ChipmunkParams:
 def _attention(q, k, v, key_padding_mask) -> torch.Tensor:
     mask = key_padding_mask[:, None, None, :] if key_padding_mask is not None else None
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-
-
-def column_mass(q: torch.Tensor, k: torch.Tensor, group_size: int, key_padding_mask: torch.Tensor | None = None,
-                chunk_bytes: int = 2**28) -> torch.Tensor:
-    """float32 ``(B, H, G, S)``: per group of ``group_size`` consecutive query rows, each key's summed probability.
-
-    Computed in chunks of groups, so memory stays near ``chunk_bytes``.
-    """
-    batch, heads, rows, _ = q.shape
-    seq_len = k.shape[2]
-    groups = -(-rows // group_size)
-    per_group = batch * heads * group_size * seq_len * 4
-    step = max(1, chunk_bytes // per_group)
-    mass = torch.empty(batch, heads, groups, seq_len, dtype=torch.float32, device=q.device)
-    for first in range(0, groups, step):
-        last = min(groups, first + step)
-        scores = torch.matmul(q[:, :, first * group_size : last * group_size], k.transpose(-1, -2)).float()
-        scores.mul_(q.shape[-1] ** -0.5)
-        if key_padding_mask is not None:
-            scores.masked_fill_(~key_padding_mask[:, None, None, :], float("-inf"))
-        probs = torch.softmax(scores, dim=-1)
-        count = probs.shape[2]
-        padded = (last - first) * group_size
-        if count < padded:  # the last group is partial
-            probs = F.pad(probs, (0, 0, 0, padded - count))
-        mass[:, :, first:last] = probs.view(batch, heads, last - first, group_size, seq_len).sum(dim=3)
-    return mass
 
 
 def select_columns(mass: torch.Tensor, layout: TokenLayout, top_k: float, random_fraction: float,
@@ -190,13 +163,25 @@ class ChipmunkMethod(AttentionMethod):
         seq_len, num_video = layout.seq_len, video_rows.numel()
         cached = state.get("o_cache")
         if self.is_dense_step(call.step) or cached is None or cached.shape != q_video.shape:
-            out = _attention(q, k, v, padding)
-            mass = column_mass(q_video, k, group_size, padding)
+            if backend == "triton":  # the dense pass gives each row's lse, from which one kernel sums the mass
+                from ..kernels.block_sparse_attention import block_sparse_attention
+                from ..kernels.column_mass import column_mass
+                from ..plan import dense_plan
+
+                plan = dense_plan(seq_len, q.shape[1], 64, 64, q.device)
+                out, lse = block_sparse_attention(q, k, v, plan.kv_block_indices, plan.kv_block_counts, block_m=64,
+                                                  block_n=64, key_padding_mask=padding, return_lse=True)
+                mass = column_mass(q_video, k, lse[:, :, video_rows], group_size, key_padding_mask=padding)
+            else:
+                from ..kernels.reference import column_mass_reference
+
+                out = _attention(q, k, v, padding)
+                mass = column_mass_reference(q_video, k, group_size, padding)
             generator = torch.Generator(q.device).manual_seed(call.layer_index * 1000 + call.step.step_index)
             columns, counts = select_columns(mass, layout, self.params.top_k, self.params.random_fraction, generator)
             selected = self._selected(q_video, k, v, columns, counts, group_size, padding, backend)
             state.update(o_cache=out[:, :, video_rows] - selected, columns=columns, counts=counts)
-            # the dense pass, the column-mass pass (its products q k^T: half a pass) and the selected pass
+            # the dense pass, the column-mass pass (its products q k^T again: half a pass) and the selected pass
             return out, 1.0 + 0.5 * num_video / seq_len + num_video * columns.shape[-1] / seq_len**2
         columns, counts = state["columns"], state["counts"]
         out = torch.empty_like(q)
