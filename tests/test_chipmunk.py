@@ -179,3 +179,26 @@ def test_the_column_mass_kernel_matches_its_reference(dtype):
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(got, expected, rtol=tolerance, atol=tolerance)
     assert got[..., ~padding[1]][1].abs().max() == 0  # masked keys get no mass
+
+
+def test_under_true_cfg_each_call_keeps_its_own_cache(monkeypatch):
+    """HunyuanVideo's true CFG calls the transformer twice a step: two caches, and everything kept is still dense."""
+    from vdit_sparse.embedded import build_embedded_pipeline
+
+    pipe = build_embedded_pipeline("hunyuan-video", seed=0)
+    pipe.set_progress_bar_config(disable=True)
+    cfg = dict(true_cfg_scale=2.0, negative_prompt="blurry")
+    dense = run_pipeline(pipe, **cfg)
+    seen, real_attend = [], ChipmunkMethod.attend
+
+    def attend(self, q, k, v, call):
+        seen.append((call.step.step_index, call.step.call_kind, "o_cache" in call.state))
+        return real_attend(self, q, k, v, call)
+
+    monkeypatch.setattr(ChipmunkMethod, "attend", attend)
+    params = {"top_k": 1.0, "random_fraction": 0.0, "voxel": [1, 2, 2], "dense_steps": [0], "schedule_steps": 4}
+    with accelerate_pipeline(pipe, {"method": "chipmunk", "params": params}):
+        out = run_pipeline(pipe, **cfg)
+    assert {kind for _, kind, _ in seen} == {0, 1}
+    assert all(cached for step, _, cached in seen if step > 0)  # both calls read their own cache after step 0
+    assert (out - dense).abs().max() <= 1e-4 * dense.abs().max()
