@@ -246,3 +246,21 @@ def test_search_arguments_are_checked_before_any_work(tmp_path, capsys, monkeypa
     assert cli.main(["search", *extra]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and words in err and "\n" not in err
+
+
+def test_search_on_hunyuan_video_with_true_cfg(tmp_path):
+    """Padded text keys, two transformer calls a step: the search runs, and its profile applies."""
+    from vdit_sparse.embedded import DEMO_CALL_ARGS, build_embedded_pipeline
+    from vdit_sparse.search import search_profile
+
+    pipe = build_embedded_pipeline("hunyuan-video", seed=0)
+    call = {**DEMO_CALL_ARGS["hunyuan-video"], "true_cfg_scale": 2.0, "negative_prompt": "blurry"}
+    profile = search_profile(pipe, ["a red ball moves right"], [0], call, SearchSettings(warmup_fraction=0.25),
+                             out=tmp_path / "hunyuan.yaml", progress=False)
+    assert profile["model"]["family"] == "hunyuan-video" and set(profile["layers"]) == {0, 1, 2, 3}
+    sparse = [layer for layer, entry in profile["layers"].items()
+              if any(head["params"]["mode"] != "dense" for head in entry["heads"].values())]
+    assert sparse and all(profile["layers"][layer]["sensitivity"] > 0 for layer in sparse)
+    with accelerate_pipeline(pipe, tmp_path / "hunyuan.yaml") as handle:
+        pipe(prompt="a red ball moves right", generator=torch.Generator().manual_seed(0), output_type="latent", **call)
+        assert handle.summary()["calls"]

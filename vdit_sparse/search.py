@@ -372,31 +372,35 @@ class _Captured(Exception):
     """Stops a pipeline call once the transformer inputs of the wanted step are captured."""
 
 
-def _capture_inputs(pipe: Any, prompt: str, seed: int, call_args: dict, forward_index: int) -> tuple[tuple, dict]:
-    """The transformer's (args, kwargs) at its ``forward_index``-th forward of a dense call."""
-    seen: list = []
+def _capture_inputs(pipe: Any, adapter: Any, prompt: str, seed: int, call_args: dict, step: int) -> tuple[tuple, dict]:
+    """The transformer's (args, kwargs) at the first forward of ``step`` of a dense call (the conditional one
+    when true CFG calls it twice a step)."""
+    from .api import StepTracker
+    from .pipelines.base import bind_forward_inputs
+
+    tracker, captured = StepTracker(pipe), []
 
     def hook(module, args, kwargs):
-        if len(seen) == forward_index:
-            seen.append((args, kwargs))
+        index, _, call_kind = tracker.observe(adapter.timestep(bind_forward_inputs(module.forward, args, kwargs)))
+        if index == step and call_kind == 0:
+            captured.append((args, kwargs))
             raise _Captured
-        seen.append(None)
 
     handle = pipe.transformer.register_forward_pre_hook(hook, with_kwargs=True)
     try:
         pipe(prompt=prompt, generator=torch.Generator("cpu").manual_seed(seed), output_type="latent", **call_args)
     except _Captured:
-        return seen[-1]
+        return captured[0]
     finally:
         handle.remove()
-    raise RuntimeError(f"the pipeline made {len(seen)} transformer forwards; the sensitivity step {forward_index} is past them")
+    raise RuntimeError(f"the pipeline never reached step {step}, where the sensitivities are measured")
 
 
 def _output(result: Any) -> torch.Tensor:
     return (result[0] if isinstance(result, (tuple, list)) else result.sample).float()
 
 
-def layer_profile(decisions: list[tuple[str, float]], stripes: dict, layer: int | None = None) -> dict:
+def layer_profile(decisions: list[tuple[str, float]], stripes: dict) -> dict:
     """The ``layers`` entry of one layer's decisions: heads grouped into ranges of equal params."""
     params = []
     for head, (mode, density) in enumerate(decisions):
@@ -619,7 +623,7 @@ def search_profile(
         warmup = math.ceil(settings.warmup_fraction * num_steps)
         step = warmup + round(settings.sensitivity_at * (num_steps - 1 - warmup))
         (prompt, seed) = units[0]
-        args, kwargs = _capture_inputs(pipe, prompt, seed, call_args, step)
+        args, kwargs = _capture_inputs(pipe, adapter, prompt, seed, call_args, step)
         entries = _layer_entries(record, [settings.lam] * num_layers)
         _measure_sensitivity(pipe, adapter, args, kwargs, entries, todo_layers, record, save, progress)
         record.seconds += time.perf_counter() - started
