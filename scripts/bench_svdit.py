@@ -48,7 +48,7 @@ import torch
 from scripts.bench_step import build, forward, synchronize, timed
 from vdit_sparse.geometry import TokenLayout
 from vdit_sparse.kernels.block_sizes import default_block_sizes
-from vdit_sparse.methods.svdit import format_column_ranges, mode_plan
+from vdit_sparse.methods.svdit import format_column_ranges, mode_plan, stripe_columns
 from vdit_sparse.plan import combine_plans, run_plan
 
 MIX = {"skip": 1, "dense": 2, "diagonal": 7, "multi_diagonal": 7, "vertical_stripe": 7}  # per 24 heads
@@ -70,7 +70,7 @@ def parse_args():
     return parser.parse_args()
 
 
-def stripe_columns(layout: TokenLayout, density: float, block_n: int) -> list[str]:
+def spread_stripe_columns(layout: TokenLayout, density: float, block_n: int) -> list[str]:
     """Evenly spread whole key blocks of the video holding ``density`` of them (timing does not depend on which)."""
     first, last = layout.video_start // block_n, (layout.video_end - 1) // block_n
     count = max(1, round(density * (last - first + 1)))
@@ -90,10 +90,8 @@ def mode_fractions(layout: TokenLayout, density: float, block_m: int, block_n: i
     fractions = {"dense": 1.0, "skip": 0.0}
     for mode in ("diagonal", "multi_diagonal"):
         fractions[mode] = float(mode_plan(layout, mode, block_m, block_n, device, density=density).density)
-    columns = stripe_columns(layout, density, block_n)
-    from vdit_sparse.methods.svdit import stripe_columns as columns_of
-
-    plan = mode_plan(layout, "vertical_stripe", block_m, block_n, device, columns=columns_of(layout, columns, device))
+    columns = stripe_columns(layout, spread_stripe_columns(layout, density, block_n), device)
+    plan = mode_plan(layout, "vertical_stripe", block_m, block_n, device, columns=columns)
     fractions["vertical_stripe"] = float(plan.density)
     return fractions
 
@@ -111,7 +109,7 @@ def mix_profile(layout: TokenLayout, density: float, num_layers: int, block_n: i
         if mode in ("diagonal", "multi_diagonal"):
             params["density"] = density
         if mode == "vertical_stripe":
-            params["columns"] = stripe_columns(layout, density, block_n)
+            params["columns"] = spread_stripe_columns(layout, density, block_n)
         heads[str(head)] = {"params": params}
     return {"name": "svdit-paper-mix", "method": "svdit", "params": {"mode": "dense"},
             "layers": {layer: {"heads": heads} for layer in range(num_layers)}}
@@ -138,10 +136,8 @@ def part_kernel(layout: TokenLayout, heads: int, head_dim: int, args) -> dict:
     padding = torch.ones(1, layout.seq_len, dtype=torch.bool, device=device)
     padding[:, layout.text_start + min(40, layout.text_length) : layout.text_end] = False
     density = 0.1
-    from vdit_sparse.methods.svdit import stripe_columns as columns_of
-
     def plan_of(mode):
-        columns = columns_of(layout, stripe_columns(layout, density, block_n), device) if mode == "vertical_stripe" else None
+        columns = stripe_columns(layout, spread_stripe_columns(layout, density, block_n), device) if mode == "vertical_stripe" else None
         return mode_plan(layout, mode, block_m, block_n, device, density=density, columns=columns)
 
     modes = head_modes()[:heads]

@@ -203,7 +203,10 @@ class AccelerationHandle:
     calls per path and the fraction of attention work computed.
     """
 
-    def __init__(self, pipe: Any, adapter: PipelineAdapter, profile: ResolvedProfile):
+    def __init__(self, pipe: Any, adapter: PipelineAdapter, profile: ResolvedProfile,
+                 layers: list[LayerRouting] | None = None):
+        """``layers`` replaces the routing the profile gives (the offline search routes every layer to itself);
+        the profile still sets the dense warm-up."""
         self.pipe = pipe
         self.transformer = pipe.transformer
         self.adapter = adapter
@@ -215,18 +218,7 @@ class AccelerationHandle:
         self._tracker = StepTracker(pipe)
         self._step: StepContext | None = None
         self.state = StateStore()
-        self._layers: list[LayerRouting] = []
-        # Groups with the same method and parameters share one instance: it keeps only what
-        # depends on the token layout (its plans); what it keeps across steps is in self.state.
-        shared: dict[tuple, AttentionMethod] = {}
-        for layer in range(self.num_layers):
-            groups = []
-            for spec in profile.layer_groups(layer, self.num_heads):
-                key = (spec.method, repr(spec.params))
-                if key not in shared:
-                    shared[key] = spec.method(spec.params)
-                groups.append(HeadGroup(shared[key], spec.heads))
-            self._layers.append(LayerRouting(layer, groups))
+        self._layers: list[LayerRouting] = layers if layers is not None else self._profile_layers(profile)
         # Feed-forward sites whose layer has a method that computes them: (module, method).
         self._feed_forwards = []
         if any(g.method.uses_feed_forward for layer in self._layers for g in layer.groups):
@@ -241,6 +233,21 @@ class AccelerationHandle:
         self._forward_hook: Any = None
         self._hooked: list[tuple[torch.nn.Module, str]] = []
         self._removed = False
+
+    def _profile_layers(self, profile: ResolvedProfile) -> list[LayerRouting]:
+        # Groups with the same method and parameters share one instance: it keeps only what
+        # depends on the token layout (its plans); what it keeps across steps is in self.state.
+        shared: dict[tuple, AttentionMethod] = {}
+        layers = []
+        for layer in range(self.num_layers):
+            groups = []
+            for spec in profile.layer_groups(layer, self.num_heads):
+                key = (spec.method, repr(spec.params))
+                if key not in shared:
+                    shared[key] = spec.method(spec.params)
+                groups.append(HeadGroup(shared[key], spec.heads))
+            layers.append(LayerRouting(layer, groups))
+        return layers
 
     # -- installation --------------------------------------------------------------
 

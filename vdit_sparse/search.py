@@ -67,6 +67,7 @@ from .api import AccelerationHandle, accelerate_pipeline, check_profile
 from .context import AttentionCall
 from .geometry import TokenLayout
 from .methods.base import AttentionMethod
+from .methods.block_sparse import BlockSparseParams
 from .methods.svdit import MODES, format_column_ranges, mode_plan
 from .methods.svg import row_masks, sample_rows
 from .patterns import block_has_text
@@ -317,7 +318,7 @@ class _SearchMethod(AttentionMethod):
     name = "svdit-search"
 
     def __init__(self, record: _Record):
-        super().__init__(None)
+        super().__init__(BlockSparseParams(block_size=record.settings.block_size))  # the layer's block geometry
         self.record = record
         self._parts: dict = {}
 
@@ -355,12 +356,11 @@ def _search_handle(pipe: Any, record: _Record) -> AccelerationHandle:
     """The pipeline with every layer routed to one :class:`_SearchMethod` over all heads."""
     profile = check_profile(pipe, {"name": "svdit-search", "method": "dense",
                                    "dense_warmup_fraction": record.settings.warmup_fraction})
-    handle = AccelerationHandle(pipe, find_adapter(pipe), profile)
-    method = _SearchMethod(record)
-    handle._layers = [LayerRouting(layer, [HeadGroup(method, tuple(range(handle.num_heads)))])
-                      for layer in range(handle.num_layers)]
-    for routing in handle._layers:
-        routing.block_size = record.settings.block_size
+    adapter, method = find_adapter(pipe), _SearchMethod(record)
+    heads = tuple(range(adapter.num_heads(pipe.transformer)))
+    layers = [LayerRouting(layer, [HeadGroup(method, heads)])
+              for layer in range(len(adapter.attention_modules(pipe.transformer)))]
+    handle = AccelerationHandle(pipe, adapter, profile, layers)
     handle._install()
     return handle
 

@@ -21,6 +21,8 @@ last).  A query group is one voxel.
   which gathers each group's key and value columns.  Text queries stay dense.
 
 With ``top_k: 1`` every column is kept and a sparse step equals dense attention.
+The cache is one ``(B, H, N_video, D)`` tensor per layer and call kind; the
+handle's summary reports it (``state_bytes``).
 
 **MLP deltas** (``mlp_top_k``, off by default): the GELU feed-forwards of the
 method's layers (the sites an adapter names as one module) run dense on the
@@ -30,8 +32,6 @@ sparse step each block of ``mlp_block`` tokens recomputes only its
 between the last two dense steps (by magnitude after the first), and adds
 ``(a_new - a_cached) @ W_down`` for them to the cached output; both caches
 take the new values.  With ``mlp_top_k: 1`` the feed-forward is exact.
-The cache is one ``(B, H, N_video, D)`` tensor per layer and call kind; the
-handle's summary reports it (``state_bytes``).
 
 Example profile::
 
@@ -164,13 +164,14 @@ class ChipmunkMethod(AttentionMethod):
         cached = state.get("o_cache")
         if self.is_dense_step(call.step) or cached is None or cached.shape != q_video.shape:
             if backend == "triton":  # the dense pass gives each row's lse, from which one kernel sums the mass
-                from ..kernels.block_sparse_attention import block_sparse_attention
+                from ..kernels.block_sparse_attention import block_sparse_attention, default_block_sizes
                 from ..kernels.column_mass import column_mass
                 from ..plan import dense_plan
 
-                plan = dense_plan(seq_len, q.shape[1], 64, 64, q.device)
-                out, lse = block_sparse_attention(q, k, v, plan.kv_block_indices, plan.kv_block_counts, block_m=64,
-                                                  block_n=64, key_padding_mask=padding, return_lse=True)
+                block_m, block_n = default_block_sizes(q.shape[-1])
+                plan = dense_plan(seq_len, q.shape[1], block_m, block_n, q.device)
+                out, lse = block_sparse_attention(q, k, v, plan.kv_block_indices, plan.kv_block_counts, block_m=block_m,
+                                                  block_n=block_n, key_padding_mask=padding, return_lse=True)
                 mass = column_mass(q_video, k, lse[:, :, video_rows], group_size, key_padding_mask=padding)
             else:
                 from ..kernels.reference import column_mass_reference
@@ -196,12 +197,17 @@ class ChipmunkMethod(AttentionMethod):
         if call.step.warmup:
             return None
         p, state = self.params, call.state
-        cached = state.get("activation")
-        if self.is_dense_step(call.step) or cached is None or cached.shape[:2] != x.shape[:2]:
+        cached = state.get("activation")  # (B, nb, block, hidden): kept in token blocks
+        if self.is_dense_step(call.step) or cached is None or state["tokens"] != x.shape[1] or cached.shape[0] != x.shape[0]:
             activation = site.activation(site.up(x))
             out = site.down(activation)
-            change = (activation - cached).abs() if cached is not None and cached.shape == activation.shape else activation.abs()
-            state.update(activation=activation, out=out, units=_top_units(change, p.mlp_block, p.mlp_top_k))
+            blocks = _blocks(activation, p.mlp_block)
+            if cached is not None and cached.shape == blocks.shape:  # the change on the real tokens (padding aside)
+                change = _blocks((activation - cached.view(x.shape[0], -1, cached.shape[-1])[:, : x.shape[1]]).abs(),
+                                 p.mlp_block)
+            else:
+                change = blocks.abs()
+            state.update(activation=blocks, tokens=x.shape[1], out=out, units=_top_units(change, p.mlp_top_k))
             return out
         return _mlp_delta(site, x, state, p.mlp_block)
 
@@ -213,28 +219,27 @@ def _blocks(x: torch.Tensor, block: int) -> torch.Tensor:
     return F.pad(x, (0, 0, 0, padded - tokens)).view(batch, padded // block, block, width)
 
 
-def _top_units(change: torch.Tensor, block: int, share: float) -> torch.Tensor:
-    """int64 ``(B, nb, m)``: per token block the ``share`` of hidden units with the largest summed ``change``."""
+def _top_units(change: torch.Tensor, share: float) -> torch.Tensor:
+    """int64 ``(B, nb, m)``: per token block of ``change`` ``(B, nb, block, hidden)`` the ``share`` of hidden units
+    with the largest summed change."""
     count = max(1, math.ceil(share * change.shape[-1]))
-    return _blocks(change, block).sum(dim=2).topk(count, dim=-1).indices
+    return change.sum(dim=2).topk(count, dim=-1).indices
 
 
 def _mlp_delta(site, x: torch.Tensor, state: dict, block: int) -> torch.Tensor:
     """The feed-forward from its cache, recomputing each block's chosen hidden units (both caches updated)."""
     batch, tokens, _ = x.shape
     units = state["units"]  # (B, nb, m)
-    x_blocks = _blocks(x, block)  # (B, nb, block, C)
     w_up = site.up.weight[units]  # (B, nb, m, C)
-    pre = torch.einsum("bntc,bnmc->bntm", x_blocks, w_up)
+    pre = torch.einsum("bntc,bnmc->bntm", _blocks(x, block), w_up)
     if site.up.bias is not None:
         pre = pre + site.up.bias[units][:, :, None, :]
     new = site.activation(pre)  # (B, nb, block, m)
-    activation = _blocks(state["activation"], block)  # a view of the cache, blocks of it
+    activation = state["activation"]
     index = units[:, :, None, :].expand_as(new)
     delta = new - activation.gather(-1, index)
+    activation.scatter_(-1, index, new)  # the cache takes the new values in place
     w_down = site.down.weight.t()[units]  # (B, nb, m, C_out)
     change = torch.einsum("bntm,bnmo->bnto", delta, w_down).reshape(batch, -1, w_down.shape[-1])[:, :tokens]
     state["out"] = state["out"] + change
-    updated = activation.scatter(-1, index, new).reshape(batch, -1, activation.shape[-1])[:, :tokens]
-    state["activation"] = updated
     return state["out"]
