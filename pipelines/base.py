@@ -134,6 +134,16 @@ class PipelineAdapter:
             raise RuntimeError(f"{type(transformer).__name__}: attention layers {missing} sit in no top-level block list")
         return [owner[id(module)] for module in modules]
 
+    def block_passthrough(self, block: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
+        """What ``block`` returns when it changes nothing: the streams it received, in its output's form.
+
+        Step caching returns this from every block but the first on a skipped
+        step.  The blocks of CogVideoX and HunyuanVideo take and return
+        ``(hidden_states, encoder_hidden_states)``.
+        """
+        inputs = inspect.signature(type(block).forward).bind(block, *args, **kwargs).arguments
+        return inputs["hidden_states"], inputs["encoder_hidden_states"]
+
     def num_heads(self, transformer: torch.nn.Module) -> int:
         return self.attention_modules(transformer)[0].heads
 

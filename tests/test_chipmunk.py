@@ -202,3 +202,36 @@ def test_under_true_cfg_each_call_keeps_its_own_cache(monkeypatch):
     assert {kind for _, kind, _ in seen} == {0, 1}
     assert all(cached for step, _, cached in seen if step > 0)  # both calls read their own cache after step 0
     assert (out - dense).abs().max() <= 1e-4 * dense.abs().max()
+
+
+def test_caches_in_host_memory_give_the_same_video(family_pipe, monkeypatch):
+    from vdit_sparse.context import Slot
+
+    _, pipe = family_pipe
+    params = {"top_k": 0.2, "voxel": [1, 2, 2], "dense_steps": [0], "schedule_steps": 4}
+    offloaded, fetched, real_offload, real_fetch = [], [], Slot.offload, Slot.fetch
+
+    def offload(self, name, tensor):
+        offloaded.append(name)
+        real_offload(self, name, tensor)
+
+    def fetch(self, name):
+        fetched.append((name, type(self[name]).__name__))
+        return real_fetch(self, name)
+
+    monkeypatch.setattr(Slot, "offload", offload)
+    monkeypatch.setattr(Slot, "fetch", fetch)
+    outs = []
+    for where in ("device", "cpu"):
+        offloaded.clear(), fetched.clear()
+        with accelerate_pipeline(pipe, {"method": "chipmunk", "params": {**params, "cache_device": where}}) as handle:
+            outs.append(run_pipeline(pipe))
+            layers = handle.num_layers
+        kinds = {kind for _, kind in fetched}
+        if where == "cpu":
+            assert sorted(set(offloaded)) == ["columns", "o_cache"] and kinds == {"Offloaded"}
+            assert len(offloaded) == 2 * len(fetched) // 6  # filled once, read on 3 sparse steps
+        else:
+            assert not offloaded and kinds == {"Tensor"}
+        assert len(fetched) >= 2 * 3 * layers
+    assert torch.equal(outs[0], outs[1])

@@ -15,9 +15,10 @@ What it changes: the processors of the transformer's self-attention modules
 (swapped for routing processors that keep the originals), a PyTorch forward
 pre-hook on the transformer that turns each forward's inputs into a
 :class:`~vdit_sparse.context.StepContext`, a diffusers ``ModelHook`` on the
-first attention module that hears the end of every pipeline call, and, for a
-method that computes feed-forwards, a ``ModelHook`` on each feed-forward
-module.  Nothing else in the pipeline, and nothing process-wide, is touched.
+first attention module that hears the end of every pipeline call, for a
+method that computes feed-forwards a ``ModelHook`` on each feed-forward
+module, and for a profile with ``step_cache`` a ``ModelHook`` on each
+transformer block.  Nothing else in the pipeline, and nothing process-wide, is touched.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ __all__ = ["accelerate_pipeline", "check_profile", "AccelerationHandle"]
 
 _RUN_END_HOOK = "vdit_sparse_run_end"
 _FEED_FORWARD_HOOK = "vdit_sparse_feed_forward"
+_STEP_CACHE_HOOK = "vdit_sparse_step_cache"
 _HANDLE_ATTR = "_vdit_sparse_handle"
 
 
@@ -196,6 +198,25 @@ class _FeedForwardHook(ModelHook):
         return None
 
 
+class _StepCacheHook(ModelHook):
+    """One transformer block under step caching: on a skipped step the first block returns the block stack's
+    output of the last computed step and the others return what they receive; the last block keeps its output
+    on computed steps."""
+
+    def __init__(self, handle: "AccelerationHandle", first: bool, last: bool):
+        super().__init__()
+        self.handle, self.first, self.last = handle, first, last
+
+    def new_forward(self, module, *args, **kwargs):
+        reused = self.handle._reused_block_output(module, self.first, args, kwargs)
+        if reused is not None:
+            return reused
+        output = self.fn_ref.original_forward(*args, **kwargs)
+        if self.last:
+            self.handle._keep_block_output(output)
+        return output
+
+
 class AccelerationHandle:
     """What :func:`accelerate_pipeline` returns: the live state, the statistics, and ``remove()``.
 
@@ -226,6 +247,13 @@ class AccelerationHandle:
                 owner = next((g.method for g in self._layers[site.layer_index].groups if g.method.uses_feed_forward), None)
                 if owner is not None and site.module is not None:
                     self._feed_forwards.append((site, owner))
+        # Step caching: the transformer blocks, in order, when the profile skips steps.
+        self._blocks: list[torch.nn.Module] = []
+        if profile.profile.step_cache is not None and profile.profile.step_cache.skip_steps:
+            for block in adapter.blocks(self.transformer):
+                if all(block is not seen for seen in self._blocks):
+                    self._blocks.append(block)
+        self._skipping = False  # whether the current forward reuses the last computed step's output
         # (module, our processor, the processor it replaced), per layer
         self._installed: list[tuple[torch.nn.Module, Any, Any]] = []
         # modules we gave a diffusers hook registry of their own (dropped again by remove())
@@ -266,6 +294,9 @@ class AccelerationHandle:
         self._register(self._modules[0], _RunEndHook(self), _RUN_END_HOOK)
         for site, method in self._feed_forwards:
             self._register(site.module, _FeedForwardHook(self, site, method), _FEED_FORWARD_HOOK)
+        for index, block in enumerate(self._blocks):
+            hook = _StepCacheHook(self, first=index == 0, last=index == len(self._blocks) - 1)
+            self._register(block, hook, _STEP_CACHE_HOOK)
         setattr(self.transformer, _HANDLE_ATTR, self)
 
     def _register(self, module: torch.nn.Module, hook: ModelHook, name: str) -> None:
@@ -345,6 +376,35 @@ class AccelerationHandle:
             self.state.update_peak()  # what the last forward left
         warmup = step < self.profile.dense_warmup_steps(num_steps)
         self._step = StepContext(step, num_steps, self._tracker.timestep_value, call_kind, layout, warmup)
+        self._skipping = bool(self._blocks) and step in self.profile.skip_steps(num_steps) and not any(
+            group.method.needs_step(self._step) for layer in self._layers for group in layer.groups
+        )
+
+    # -- step caching, fed by the blocks' hooks -------------------------------------
+
+    @torch.compiler.disable
+    def _reused_block_output(self, block, first: bool, args: tuple, kwargs: dict):
+        """On a skipped step: the first block's output is the last computed step's; the others pass through."""
+        step = self._step
+        if not self._skipping or step is None or self._removed:
+            return None
+        passthrough = self.adapter.block_passthrough(block, args, kwargs)
+        if not first:
+            return passthrough
+        kept = self.state.slot(("step_cache", step.call_kind)).get("output")
+        if kept is None or [t.shape for t in kept] != [t.shape for t in passthrough]:
+            self._skipping = False  # nothing computed before at this shape: compute this step
+            return None
+        batch = passthrough[0].shape[0]
+        for _ in range(self.num_layers):
+            self.stats.record("step_cache", 0.0, batch * self.num_heads, step.layout.seq_len)
+        return tuple(kept)
+
+    @torch.compiler.disable
+    def _keep_block_output(self, output) -> None:
+        step = self._step
+        if step is not None and not self._removed:
+            self.state.slot(("step_cache", step.call_kind))["output"] = tuple(output)
 
     def _end_run(self) -> None:
         self.state.update_peak()
@@ -386,6 +446,7 @@ class AccelerationHandle:
             "num_heads": self.num_heads,
             **self.stats.as_dict(),
             "state_bytes": self.state.nbytes(),
+            "state_bytes_on_gpu": self.state.nbytes("cuda"),
             "peak_state_bytes": self.state.peak_bytes,
         }
 

@@ -17,7 +17,7 @@ import torch
 
 from .geometry import TokenLayout
 
-__all__ = ["StepContext", "AttentionCall", "FeedForwardCall", "RunStats", "StateStore"]
+__all__ = ["StepContext", "AttentionCall", "FeedForwardCall", "RunStats", "StateStore", "Slot", "Offloaded"]
 
 
 @dataclass(frozen=True)
@@ -77,31 +77,120 @@ class RunStats:
         self.computed_pairs = self.dense_pairs = 0.0
 
 
+class Slot(dict):
+    """One method's state in a :class:`StateStore` (a dict), able to keep tensors in host memory.
+
+    :meth:`offload` moves a tensor the method will read back unchanged to
+    pinned host memory, asynchronously; :meth:`fetch` brings it back to its
+    device.  Fetching from one slot starts copying the next slot's offloaded
+    tensors (slots in the order they first offloaded, which is layer order)
+    on a side stream, so on a step that reads them layer by layer each copy
+    overlaps the layer before.  Off the GPU both are plain references.
+    """
+
+    def __init__(self, store: "StateStore", key: tuple):
+        super().__init__()
+        self.store, self.key = store, key
+
+    def offload(self, name: str, tensor: torch.Tensor) -> None:
+        self[name] = self.store._offload(self.key, tensor)
+
+    def fetch(self, name: str) -> torch.Tensor:
+        value = self[name]
+        return self.store._fetch(self.key, value) if isinstance(value, Offloaded) else value
+
+
+class Offloaded:
+    """A tensor kept in pinned host memory (or, off the GPU, the tensor itself) and its copies in flight."""
+
+    def __init__(self, host: torch.Tensor, device: torch.device, written: "torch.cuda.Event | None"):
+        self.host, self.device, self.written = host, device, written
+        self.prefetched: torch.Tensor | None = None
+        self.arrived: "torch.cuda.Event | None" = None
+
+
 class StateStore:
     """What methods keep across the steps of one pipeline call, and its size.
 
-    One dict per key (layer, call kind, head group): a method reads and
-    writes its own through :attr:`AttentionCall.state`.  Everything is
+    One :class:`Slot` per key (layer, call kind, head group): a method reads
+    and writes its own through :attr:`AttentionCall.state`.  Everything is
     dropped when the pipeline call ends (and on ``handle.reset()`` and
     ``remove()``); :attr:`peak_bytes` is the most the tensors in it held at
-    the end of any transformer forward of the run.
+    the end of any transformer forward of the run (host memory included;
+    :meth:`nbytes` tells them apart).
     """
 
     def __init__(self) -> None:
-        self._slots: dict[tuple, dict] = {}
+        self._slots: dict[tuple, Slot] = {}
+        self._offloading: list[tuple] = []  # slots that offloaded, in the order they first did
+        self._copy_streams: dict[torch.device, torch.cuda.Stream] = {}
         self.peak_bytes = 0
 
-    def slot(self, key: tuple) -> dict:
-        return self._slots.setdefault(key, {})
+    def slot(self, key: tuple) -> Slot:
+        if key not in self._slots:
+            self._slots[key] = Slot(self, key)
+        return self._slots[key]
 
-    def nbytes(self) -> int:
-        """Bytes held by the tensors in the store (each storage counted once)."""
+    # -- host memory --------------------------------------------------------------
+
+    def _stream(self, device: torch.device) -> torch.cuda.Stream:
+        if device not in self._copy_streams:
+            self._copy_streams[device] = torch.cuda.Stream(device)
+        return self._copy_streams[device]
+
+    def _offload(self, key: tuple, tensor: torch.Tensor) -> Offloaded:
+        if key not in self._offloading:
+            self._offloading.append(key)
+        if tensor.device.type != "cuda":
+            return Offloaded(tensor, tensor.device, None)
+        stream = self._stream(tensor.device)
+        stream.wait_stream(torch.cuda.current_stream(tensor.device))  # the tensor is computed
+        host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+        with torch.cuda.stream(stream):
+            host.copy_(tensor, non_blocking=True)
+            written = torch.cuda.Event()
+            written.record(stream)
+        tensor.record_stream(stream)  # not reused before the copy is done
+        return Offloaded(host, tensor.device, written)
+
+    def _fetch(self, key: tuple, value: Offloaded) -> torch.Tensor:
+        if value.device.type != "cuda":
+            return value.host
+        current = torch.cuda.current_stream(value.device)
+        if value.prefetched is None:
+            self._prefetch_slot(key)
+        current.wait_event(value.arrived)
+        tensor, value.prefetched = value.prefetched, None
+        tensor.record_stream(current)  # allocated on the copy stream, used here
+        position = self._offloading.index(key)
+        self._prefetch_slot(self._offloading[(position + 1) % len(self._offloading)])
+        return tensor
+
+    def _prefetch_slot(self, key: tuple) -> None:
+        for value in self._slots[key].values():
+            if isinstance(value, Offloaded) and value.prefetched is None and value.device.type == "cuda":
+                stream = self._stream(value.device)
+                stream.wait_stream(torch.cuda.current_stream(value.device))  # memory freed there may be reused
+                with torch.cuda.stream(stream):
+                    value.prefetched = value.host.to(value.device, non_blocking=True)
+                    value.arrived = torch.cuda.Event()
+                    value.arrived.record(stream)
+
+    # -- size ---------------------------------------------------------------------
+
+    def nbytes(self, device_type: str | None = None) -> int:
+        """Bytes held by the tensors in the store (each storage counted once), or by those on ``device_type``
+        (``"cuda"``, ``"cpu"``) only."""
         seen: dict[int, int] = {}
 
         def visit(value) -> None:
             if isinstance(value, torch.Tensor):
-                storage = value.untyped_storage()
-                seen[storage.data_ptr()] = storage.nbytes()
+                if device_type is None or value.device.type == device_type:
+                    storage = value.untyped_storage()
+                    seen[storage.data_ptr()] = storage.nbytes()
+            elif isinstance(value, Offloaded):
+                visit(value.host)
+                visit(value.prefetched)
             elif isinstance(value, dict):
                 for item in value.values():
                     visit(item)
@@ -119,9 +208,10 @@ class StateStore:
 
     def clear(self) -> None:
         self._slots.clear()
+        self._offloading.clear()
 
     def new_run(self) -> None:
-        self._slots.clear()
+        self.clear()
         self.peak_bytes = 0
 
 

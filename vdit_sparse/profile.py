@@ -9,6 +9,7 @@ A profile is YAML (or a :class:`Profile` built in code)::
     params: {window_frames: 1}          # that method's parameters (see its Params)
     dense_warmup_steps: 2               # or dense_warmup_fraction: 0.25 (not both)
     dense_layers: [0]                   # layers that always run dense
+    step_cache: {skip_steps: [7, 11, 13]}   # steps that reuse the last computed step's block output
     layers:                             # per-layer overrides, keyed by layer index
       5: {method: dense, sensitivity: 0.031}
       7: {params: {window_frames: 2}, sensitivity: 0.004}
@@ -37,8 +38,8 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 __all__ = [
-    "Profile", "ModelSpec", "LayerOverride", "HeadOverride", "HeadGroupSpec", "ProfileError", "load_profile",
-    "builtin_profiles",
+    "Profile", "ModelSpec", "LayerOverride", "HeadOverride", "HeadGroupSpec", "StepCacheSpec", "ProfileError",
+    "load_profile", "builtin_profiles", "scheduled_steps",
 ]
 
 
@@ -92,6 +93,23 @@ class HeadGroupSpec:
 
 
 @dataclass
+class StepCacheSpec:
+    """Step caching: on the steps ``skip_steps`` (of a schedule of ``schedule_steps`` steps, scaled to the
+    run's step count as in :func:`scheduled_steps`) the transformer blocks are not run; the output of the
+    block stack is the one of the last computed step of the same call kind.  Steps a method must compute
+    (Chipmunk's refresh steps) are never skipped, nor a step without a computed one before it."""
+
+    skip_steps: List[int] = field(default_factory=list)
+    schedule_steps: int = 50
+
+
+def scheduled_steps(steps: List[int], schedule_steps: int, num_steps: int) -> set[int]:
+    """Steps ``steps`` of a ``schedule_steps``-step schedule, in a run of ``num_steps`` steps: step ``s`` is step
+    ``floor(s * num_steps / schedule_steps + 1/2)`` (the same steps when the counts agree)."""
+    return {math.floor(s * num_steps / schedule_steps + 0.5) for s in steps}
+
+
+@dataclass
 class Profile:
     name: str = "custom"
     description: str = ""
@@ -102,6 +120,7 @@ class Profile:
     dense_warmup_fraction: Optional[float] = None
     dense_layers: List[int] = field(default_factory=list)
     layers: Dict[int, LayerOverride] = field(default_factory=dict)
+    step_cache: Optional[StepCacheSpec] = None
     #: Where the profile came from (``vdit-sparse search`` writes its model, prompts, settings and date); not read.
     provenance: Dict[str, Any] = field(default_factory=dict)
 
@@ -270,6 +289,17 @@ class ResolvedProfile:
             if value is not None and value < 1:
                 raise ProfileError(f"{where}: field '{name}' must be >= 1, got {value}")
 
+        cache = profile.step_cache
+        if cache is not None:
+            if cache.schedule_steps < 1:
+                raise ProfileError(f"{where}: field 'step_cache.schedule_steps' must be >= 1, got {cache.schedule_steps}")
+            bad = [s for s in cache.skip_steps if not 0 < s < cache.schedule_steps]
+            if bad:
+                raise ProfileError(
+                    f"{where}: field 'step_cache.skip_steps' holds {bad}; allowed: steps 1..{cache.schedule_steps - 1} "
+                    "(step 0 has no step before it to reuse)"
+                )
+
         self.default_method = get_method_class(profile.method, field_name="method", where=where)
         self.default_params = self.default_method.parse_params(profile.params, field_name="params", where=where)
         # layer -> (its method, its params, [(heads, method, params, field name)])
@@ -352,6 +382,11 @@ class ResolvedProfile:
             # As the decimal the user wrote: 0.28 of 25 steps is 7, not ceil(7.000000000000001) = 8.
             return math.ceil(Fraction(repr(self.profile.dense_warmup_fraction)) * num_steps)
         return 0
+
+    def skip_steps(self, num_steps: int) -> set[int]:
+        """The steps of a ``num_steps``-step run that step caching skips (empty without ``step_cache``)."""
+        cache = self.profile.step_cache
+        return set() if cache is None else scheduled_steps(cache.skip_steps, cache.schedule_steps, num_steps)
 
     def layer_groups(self, layer_index: int, num_heads: int) -> list[HeadGroupSpec]:
         """The methods of one layer, each with its parameters and heads, in head order of first appearance.

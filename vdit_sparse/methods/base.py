@@ -84,6 +84,10 @@ class AttentionMethod:
         """The method's heads' output ``(B, h, S, D)`` after the plan ran; by default unchanged."""
         return out
 
+    def needs_step(self, step) -> bool:
+        """True when the method must run at ``step`` (a :class:`~vdit_sparse.context.StepContext`), so the
+        profile's step caching may not skip it (Chipmunk refreshes its cache there)."""
+        return False
 
     def feed_forward(self, site, x: torch.Tensor, call: FeedForwardCall) -> torch.Tensor | None:
         """The output of feed-forward ``site`` (a :class:`~vdit_sparse.pipelines.base.FeedForwardSite`)

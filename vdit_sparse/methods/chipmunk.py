@@ -21,8 +21,12 @@ last).  A query group is one voxel.
   which gathers each group's key and value columns.  Text queries stay dense.
 
 With ``top_k: 1`` every column is kept and a sparse step equals dense attention.
-The cache is one ``(B, H, N_video, D)`` tensor per layer and call kind; the
-handle's summary reports it (``state_bytes``).
+The cache is one ``(B, H, N_video, D)`` tensor per layer and call kind, and
+the columns ``(B, H, groups, K)`` int32; the handle's summary reports their
+size (``state_bytes``).  With ``cache_device: cpu`` both wait in pinned host
+memory and each layer's are copied back on a side stream while the layer
+before it runs (the feed-forward caches below, updated every step, stay on
+the GPU).
 
 **MLP deltas** (``mlp_top_k``, off by default): the GELU feed-forwards of the
 method's layers (the sites an adapter names as one module) run dense on the
@@ -51,6 +55,7 @@ import torch.nn.functional as F
 
 from ..context import AttentionCall
 from ..geometry import TokenLayout, Voxels
+from ..profile import scheduled_steps
 from .base import AttentionMethod, register_method
 from .block_sparse import BACKENDS, resolve_backend
 
@@ -72,6 +77,9 @@ class ChipmunkParams:
     mlp_top_k: Optional[float] = None
     #: Tokens per block of the MLP deltas.
     mlp_block: int = 128
+    #: Where the attention caches (``o_cache`` and the columns) live between steps: ``device`` (the GPU) or
+    #: ``cpu`` (pinned host memory, each layer's copied back while the layer before it runs).
+    cache_device: str = "device"
     backend: str = "auto"
 
     def validate(self) -> str | None:
@@ -89,6 +97,8 @@ class ChipmunkParams:
             return f"field 'mlp_top_k' must be in (0, 1] or null, got {self.mlp_top_k}"
         if self.mlp_block < 1:
             return f"field 'mlp_block' must be >= 1, got {self.mlp_block}"
+        if self.cache_device not in ("device", "cpu"):
+            return f"field 'cache_device' must be 'device' or 'cpu', got {self.cache_device!r}"
         if self.backend not in BACKENDS:
             return f"field 'backend' must be one of {BACKENDS}, got {self.backend!r}"
         return None
@@ -133,7 +143,10 @@ class ChipmunkMethod(AttentionMethod):
     def is_dense_step(self, step) -> bool:
         """Scheduled step ``s`` of ``schedule_steps`` is step ``floor(s * num_steps / schedule_steps + 1/2)`` of the run."""
         p = self.params
-        return step.step_index in {math.floor(s * step.num_steps / p.schedule_steps + 0.5) for s in p.dense_steps}
+        return step.step_index in scheduled_steps(p.dense_steps, p.schedule_steps, step.num_steps)
+
+    def needs_step(self, step) -> bool:
+        return self.is_dense_step(step)
 
     def _selected(self, q_video, k, v, columns, counts, group_size, key_padding_mask, backend):
         if backend == "triton":
@@ -161,8 +174,7 @@ class ChipmunkMethod(AttentionMethod):
         group_size = voxels.voxel_size
         q_video = q[:, :, video_rows]
         seq_len, num_video = layout.seq_len, video_rows.numel()
-        cached = state.get("o_cache")
-        if self.is_dense_step(call.step) or cached is None or cached.shape != q_video.shape:
+        if self.is_dense_step(call.step) or state.get("shape") != q_video.shape:
             if backend == "triton":  # the dense pass gives each row's lse, from which one kernel sums the mass
                 from ..kernels.block_sparse_attention import block_sparse_attention, default_block_sizes
                 from ..kernels.column_mass import column_mass
@@ -181,12 +193,18 @@ class ChipmunkMethod(AttentionMethod):
             generator = torch.Generator(q.device).manual_seed(call.layer_index * 1000 + call.step.step_index)
             columns, counts = select_columns(mass, layout, self.params.top_k, self.params.random_fraction, generator)
             selected = self._selected(q_video, k, v, columns, counts, group_size, padding, backend)
-            state.update(o_cache=out[:, :, video_rows] - selected, columns=columns, counts=counts)
+            o_cache = out[:, :, video_rows] - selected
+            state.update(shape=q_video.shape, counts=counts)
+            if self.params.cache_device == "cpu":
+                state.offload("o_cache", o_cache)
+                state.offload("columns", columns)
+            else:
+                state.update(o_cache=o_cache, columns=columns)
             # the dense pass, the column-mass pass (its products q k^T again: half a pass) and the selected pass
             return out, 1.0 + 0.5 * num_video / seq_len + num_video * columns.shape[-1] / seq_len**2
-        columns, counts = state["columns"], state["counts"]
+        columns, counts = state.fetch("columns"), state["counts"]
         out = torch.empty_like(q)
-        out[:, :, video_rows] = state["o_cache"] + self._selected(q_video, k, v, columns, counts, group_size,
+        out[:, :, video_rows] = state.fetch("o_cache") + self._selected(q_video, k, v, columns, counts, group_size,
                                                                   padding, backend)
         text = slice(layout.text_start, layout.text_end)
         if layout.text_length:
