@@ -18,6 +18,8 @@ __all__ = [
     "column_sparse_attention_reference",
     "gather_rows_reference",
     "masked_row_errors_reference",
+    "mlp_delta_down_reference",
+    "mlp_delta_up_reference",
     "permute_tokens_reference",
 ]
 
@@ -186,3 +188,29 @@ def masked_row_errors_reference(
     exact = output(probs)
     errors = [(output(probs * mask) - exact).pow(2).mean(dim=(-1, -2)) for mask in masks]
     return torch.stack(errors, dim=-1)
+
+
+def mlp_delta_up_reference(x, weight, bias, units, activation, gelu="tanh"):
+    """:func:`~vdit_sparse.kernels.mlp_delta.mlp_delta_up` in PyTorch (the weight rows gathered per block).
+
+    ``gelu`` is a GELU's ``approximate`` or any elementwise callable (how
+    Chipmunk runs feed-forwards whose activation the kernel does not know).
+    """
+    batch, tokens, _ = x.shape
+    _, blocks, block, _ = activation.shape
+    units = units.long()
+    blocked = torch.nn.functional.pad(x, (0, 0, 0, blocks * block - tokens)).view(batch, blocks, block, -1)
+    pre = torch.einsum("bntc,bnmc->bntm", blocked, weight[units])
+    if bias is not None:
+        pre = pre + bias[units][:, :, None, :]
+    new = gelu(pre) if callable(gelu) else torch.nn.functional.gelu(pre, approximate=gelu)
+    index = units[:, :, None, :].expand_as(new)
+    delta = new - activation.gather(-1, index)
+    activation.scatter_(-1, index, new)
+    return delta
+
+
+def mlp_delta_down_reference(delta, weight_t, units, out):
+    """:func:`~vdit_sparse.kernels.mlp_delta.mlp_delta_down` in PyTorch: ``out`` updated in place."""
+    change = torch.einsum("bntm,bnmo->bnto", delta, weight_t[units.long()])
+    out += change.reshape(out.shape[0], -1, out.shape[2])[:, : out.shape[1]]

@@ -83,7 +83,9 @@ class FeedForwardSite:
     feed-forward, or None where the block inlines it (HunyuanVideo
     single-stream: ``proj_mlp``, ``act_mlp``, then one ``proj_out`` over the
     joined attention and MLP features); ``down_columns`` are then the input
-    features of ``down`` the MLP feeds (None: all of them).
+    features of ``down`` the MLP feeds (None: all of them), the last ones.  ``gelu`` is the
+    activation's ``approximate`` (``"tanh"`` or ``"none"``) when it is a GELU,
+    which the MLP delta kernels compute themselves, else None.
     """
 
     layer_index: int
@@ -93,12 +95,26 @@ class FeedForwardSite:
     down: torch.nn.Linear
     module: torch.nn.Module | None = None
     down_columns: slice | None = None
+    gelu: str | None = None
+
+    def down_out(self, activation: torch.Tensor) -> torch.Tensor:
+        """What the feed-forward adds for ``activation``: ``down(activation)``, or for an inlined site the MLP
+        features' share of ``down`` (no bias: the bias belongs to the whole projection)."""
+        if self.down_columns is None:
+            return self.down(activation)
+        return torch.nn.functional.linear(activation, self.down.weight[:, self.down_columns])
+
+    def down_weight_t(self) -> torch.Tensor:
+        """The weight of ``down`` over the MLP's features, transposed: ``(hidden units, output features)``."""
+        weight = self.down.weight if self.down_columns is None else self.down.weight[:, self.down_columns]
+        return weight.t().contiguous()
 
 
 def gelu_feed_forward_site(layer_index: int, stream: str, feed_forward: torch.nn.Module) -> FeedForwardSite:
     """The site of a diffusers ``FeedForward`` with a GELU (``net = [GELU(proj), Dropout, Linear, ...]``)."""
     act = feed_forward.net[0]
-    return FeedForwardSite(layer_index, stream, act.proj, act.gelu, feed_forward.net[2], module=feed_forward)
+    return FeedForwardSite(layer_index, stream, act.proj, act.gelu, feed_forward.net[2], module=feed_forward,
+                           gelu=act.approximate)
 
 
 class PipelineAdapter:

@@ -39,7 +39,8 @@ class HunyuanVideoAdapter(PipelineAdapter):
             # proj_out maps [attention | mlp] features; the MLP's are the last mlp_dim columns.
             mlp_dim = block.proj_mlp.out_features
             columns = slice(block.proj_out.in_features - mlp_dim, block.proj_out.in_features)
-            sites.append(FeedForwardSite(i, "joint", block.proj_mlp, block.act_mlp, block.proj_out, None, columns))
+            gelu = block.act_mlp.approximate if isinstance(block.act_mlp, torch.nn.GELU) else None
+            sites.append(FeedForwardSite(i, "joint", block.proj_mlp, block.act_mlp, block.proj_out, None, columns, gelu))
         return sites
 
     def token_layout(self, transformer, inputs):

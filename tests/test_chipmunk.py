@@ -121,7 +121,8 @@ def test_in_a_pipeline_every_column_kept_gives_the_dense_video(family_pipe, vide
         assert not torch.allclose(run_pipeline(pipe, num_videos_per_prompt=videos), dense, atol=1e-3)
 
 
-def test_mlp_delta_with_every_unit_recomputed_is_the_feed_forward():
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=launches_kernel)])
+def test_mlp_delta_with_every_unit_recomputed_is_the_feed_forward(backend):
     from vdit_sparse.context import FeedForwardCall
     from vdit_sparse.pipelines.base import gelu_feed_forward_site
     from diffusers.models.attention import FeedForward
@@ -129,7 +130,8 @@ def test_mlp_delta_with_every_unit_recomputed_is_the_feed_forward():
     torch.manual_seed(0)
     module = FeedForward(24, mult=4, activation_fn="gelu-approximate").eval()
     site = gelu_feed_forward_site(0, "joint", module)
-    method = ChipmunkMethod(ChipmunkMethod.parse_params({"mlp_top_k": 1.0, "mlp_block": 16, "dense_steps": [0]}))
+    method = ChipmunkMethod(ChipmunkMethod.parse_params({"mlp_top_k": 1.0, "mlp_block": 16, "dense_steps": [0],
+                                                         "backend": backend}))
     state: dict = {}
 
     def ff_call(step):
@@ -140,7 +142,8 @@ def test_mlp_delta_with_every_unit_recomputed_is_the_feed_forward():
         torch.testing.assert_close(method.feed_forward(site, x0, ff_call(0)), module(x0))  # dense: fills the cache
         for step, x in ((1, x1), (2, x2)):  # sparse steps: deltas on top of the updated cache
             assert (method.feed_forward(site, x, ff_call(step)) - module(x)).abs().max() <= 1e-5
-        partial = ChipmunkMethod(ChipmunkMethod.parse_params({"mlp_top_k": 0.25, "mlp_block": 16, "dense_steps": [0]}))
+        partial = ChipmunkMethod(ChipmunkMethod.parse_params({"mlp_top_k": 0.25, "mlp_block": 16, "dense_steps": [0],
+                                                              "backend": backend}))
         state.clear()
         partial.feed_forward(site, x0, ff_call(0))
         assert state["units"].shape == (2, 3, 24)  # 3 blocks of 16 tokens, a quarter of 96 hidden units each
@@ -235,3 +238,71 @@ def test_caches_in_host_memory_give_the_same_video(family_pipe, monkeypatch):
             assert not offloaded and kinds == {"Tensor"}
         assert len(fetched) >= 2 * 3 * layers
     assert torch.equal(outs[0], outs[1])
+
+
+@launches_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("gelu, bias", [("tanh", True), ("none", False)])
+def test_the_mlp_delta_kernels_match_their_references(dtype, gelu, bias):
+    """The FlashAttention ratio rule: the kernel's error against the float64 reference is at most twice that of
+    the same PyTorch in the inputs' dtype, plus a small absolute slack."""
+    from vdit_sparse.kernels.mlp_delta import mlp_delta_down, mlp_delta_up
+    from vdit_sparse.kernels.reference import mlp_delta_down_reference, mlp_delta_up_reference
+
+    gen = torch.Generator().manual_seed(0)
+    batch, tokens, features, hidden, out_features, block = 2, 45, 40, 96, 24, 16  # 3 blocks, the last partial
+    x = torch.randn(batch, tokens, features, generator=gen)
+    w_up, b_up = torch.randn(hidden, features, generator=gen) / 6, torch.randn(hidden, generator=gen) if bias else None
+    w_down_t = torch.randn(hidden, out_features, generator=gen) / 10
+    units = torch.stack([torch.randperm(hidden, generator=gen)[:20] for _ in range(batch * 3)]).view(batch, 3, 20)
+    activation = torch.randn(batch, 3, block, hidden, generator=gen)
+    out = torch.randn(batch, tokens, out_features, generator=gen)
+
+    def run(kind, cast):
+        args = [t.to(cast) if t is not None and t.is_floating_point() else t for t in (x, w_up, b_up, w_down_t)]
+        act, result = activation.to(cast).clone(), out.to(cast).clone()
+        if kind == "kernel":
+            delta = mlp_delta_up(args[0], args[1], args[2], units.to(torch.int32), act, gelu)
+            mlp_delta_down(delta, args[3], units.to(torch.int32), result)
+        else:
+            delta = mlp_delta_up_reference(args[0], args[1], args[2], units, act, gelu)
+            mlp_delta_down_reference(delta, args[3], units, result)
+        return delta.double(), act.double(), result.double()
+
+    exact = run("reference", torch.float64)
+    kernel, same_dtype = run("kernel", dtype), run("reference", dtype)
+    for got, baseline, truth in zip(kernel, same_dtype, exact):
+        slack = 1e-5 if dtype == torch.float32 else 1e-2
+        assert (got - truth).abs().max() <= 2 * (baseline - truth).abs().max() + slack * truth.abs().max()
+    untouched = torch.ones(batch, 3, hidden, dtype=torch.bool).scatter_(-1, units, False)
+    assert torch.equal(kernel[1].permute(0, 1, 3, 2)[untouched], activation.to(dtype).double().permute(0, 1, 3, 2)[untouched])
+
+
+def test_hunyuan_single_stream_mlps_are_computed_by_the_method_and_handed_back(monkeypatch):
+    """The single-stream blocks inline their MLP (proj_mlp, act_mlp, then proj_out over [attention | MLP]):
+    the method computes it there too, exactly with every unit kept, and remove() takes the hooks away."""
+    from vdit_sparse.embedded import build_embedded_pipeline
+
+    pipe = build_embedded_pipeline("hunyuan-video", seed=0)
+    pipe.set_progress_bar_config(disable=True)
+    dense = run_pipeline(pipe)
+    streams, real = [], ChipmunkMethod.feed_forward
+
+    def feed_forward(self, site, x, call):
+        streams.append((call.step.step_index, site.stream))
+        return real(self, site, x, call)
+
+    monkeypatch.setattr(ChipmunkMethod, "feed_forward", feed_forward)
+    single = pipe.transformer.single_transformer_blocks[0]
+    parts = (single.proj_mlp, single.act_mlp, single.proj_out)
+    forwards = [part.forward for part in parts]
+    params = {"top_k": 1.0, "random_fraction": 0.0, "voxel": [1, 2, 2], "mlp_top_k": 1.0, "mlp_block": 8,
+              "dense_steps": [0], "schedule_steps": 4}
+    handle = accelerate_pipeline(pipe, {"method": "chipmunk", "params": params})
+    out = run_pipeline(pipe)
+    assert (out - dense).abs().max() <= 1e-4 * dense.abs().max()
+    joint = [step for step, stream in streams if stream == "joint"]
+    assert len(joint) == 4 * len(pipe.transformer.single_transformer_blocks) and set(joint) == {0, 1, 2, 3}
+    handle.remove()
+    assert [part.forward for part in parts] == forwards and not any(hasattr(p, "_diffusers_hook") for p in parts)
+    assert torch.equal(run_pipeline(pipe), dense)

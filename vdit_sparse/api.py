@@ -198,6 +198,59 @@ class _FeedForwardHook(ModelHook):
         return None
 
 
+class _InlinedFeedForward:
+    """A feed-forward its block inlines, ``down(cat([other, activation(up(x))]))`` (HunyuanVideo single-stream):
+    when the method computes it, ``up`` returns a zero placeholder the activation passes on, and ``down``
+    computes its other features' share and adds the method's result."""
+
+    def __init__(self, handle: "AccelerationHandle", site: Any, method: AttentionMethod):
+        self.hook = _FeedForwardHook(handle, site, method)
+        self.site = site
+        self.pending: torch.Tensor | None = None  # the method's result, between up and down
+        self.inside = False  # the method is running (and calls the three parts itself)
+
+    def up(self, x, original):
+        if self.inside:
+            return original(x)
+        self.inside = True
+        try:
+            self.pending = self.hook._method_output(x)
+        finally:
+            self.inside = False
+        if self.pending is None:
+            return original(x)
+        return x.new_zeros(()).expand(*x.shape[:-1], self.site.up.out_features)
+
+    def activation(self, x, original):
+        return x if self.pending is not None and not self.inside else original(x)
+
+    def down(self, x, original):
+        if self.pending is None or self.inside:
+            return original(x)
+        mine, self.pending = self.pending, None
+        down, first = self.site.down, self.site.down_columns.start
+        return torch.nn.functional.linear(x[..., :first], down.weight[:, :first], down.bias) + mine
+
+
+class _InlinedUpHook(ModelHook):
+    def __init__(self, inlined: _InlinedFeedForward):
+        super().__init__()
+        self.inlined = inlined
+
+    def new_forward(self, module, x):
+        return self.inlined.up(x, self.fn_ref.original_forward)
+
+
+class _InlinedActivationHook(_InlinedUpHook):
+    def new_forward(self, module, x):
+        return self.inlined.activation(x, self.fn_ref.original_forward)
+
+
+class _InlinedDownHook(_InlinedUpHook):
+    def new_forward(self, module, x):
+        return self.inlined.down(x, self.fn_ref.original_forward)
+
+
 class _StepCacheHook(ModelHook):
     """One transformer block under step caching: on a skipped step the first block returns the block stack's
     output of the last computed step and the others return what they receive; the last block keeps its output
@@ -245,7 +298,7 @@ class AccelerationHandle:
         if any(g.method.uses_feed_forward for layer in self._layers for g in layer.groups):
             for site in adapter.feed_forward_sites(self.transformer):
                 owner = next((g.method for g in self._layers[site.layer_index].groups if g.method.uses_feed_forward), None)
-                if owner is not None and site.module is not None:
+                if owner is not None:
                     self._feed_forwards.append((site, owner))
         # Step caching: the transformer blocks, in order, when the profile skips steps.
         self._blocks: list[torch.nn.Module] = []
@@ -293,7 +346,13 @@ class AccelerationHandle:
         # sits on the first attention module, whose forward no offload wrapper touches.
         self._register(self._modules[0], _RunEndHook(self), _RUN_END_HOOK)
         for site, method in self._feed_forwards:
-            self._register(site.module, _FeedForwardHook(self, site, method), _FEED_FORWARD_HOOK)
+            if site.module is not None:
+                self._register(site.module, _FeedForwardHook(self, site, method), _FEED_FORWARD_HOOK)
+            else:  # inlined in its block: the hooks on its three parts pass the method's result along
+                inlined = _InlinedFeedForward(self, site, method)
+                self._register(site.up, _InlinedUpHook(inlined), _FEED_FORWARD_HOOK)
+                self._register(site.activation, _InlinedActivationHook(inlined), _FEED_FORWARD_HOOK)
+                self._register(site.down, _InlinedDownHook(inlined), _FEED_FORWARD_HOOK)
         for index, block in enumerate(self._blocks):
             hook = _StepCacheHook(self, first=index == 0, last=index == len(self._blocks) - 1)
             self._register(block, hook, _STEP_CACHE_HOOK)

@@ -218,16 +218,31 @@ class ChipmunkMethod(AttentionMethod):
         cached = state.get("activation")  # (B, nb, block, hidden): kept in token blocks
         if self.is_dense_step(call.step) or cached is None or state["tokens"] != x.shape[1] or cached.shape[0] != x.shape[0]:
             activation = site.activation(site.up(x))
-            out = site.down(activation)
+            out = site.down_out(activation)
             blocks = _blocks(activation, p.mlp_block)
             if cached is not None and cached.shape == blocks.shape:  # the change on the real tokens (padding aside)
                 change = _blocks((activation - cached.view(x.shape[0], -1, cached.shape[-1])[:, : x.shape[1]]).abs(),
                                  p.mlp_block)
             else:
                 change = blocks.abs()
-            state.update(activation=blocks, tokens=x.shape[1], out=out, units=_top_units(change, p.mlp_top_k))
+            units = _top_units(change, p.mlp_top_k)
+            down_t = state["down_t"] if "down_t" in state else site.down_weight_t()
+            state.update(activation=blocks, tokens=x.shape[1], out=out, units=units, down_t=down_t)
             return out
-        return _mlp_delta(site, x, state, p.mlp_block)
+        units, activation, out = state["units"], state["activation"], state["out"]
+        if resolve_backend(p.backend, x) == "triton" and site.gelu is not None:
+            from ..kernels.mlp_delta import mlp_delta_down, mlp_delta_up
+
+            if p.mlp_block % 16:
+                raise ValueError(f"chipmunk: the MLP delta kernels need mlp_block to be a multiple of 16, got {p.mlp_block}")
+            delta = mlp_delta_up(x, site.up.weight, site.up.bias, units, activation, site.gelu)
+            mlp_delta_down(delta, state["down_t"], units, out)
+        else:
+            from ..kernels.reference import mlp_delta_down_reference, mlp_delta_up_reference
+
+            delta = mlp_delta_up_reference(x, site.up.weight, site.up.bias, units, activation, site.activation)
+            mlp_delta_down_reference(delta, state["down_t"], units, out)
+        return out  # the cache, updated in place: each block's recomputed units' change added
 
 
 def _blocks(x: torch.Tensor, block: int) -> torch.Tensor:
@@ -238,26 +253,7 @@ def _blocks(x: torch.Tensor, block: int) -> torch.Tensor:
 
 
 def _top_units(change: torch.Tensor, share: float) -> torch.Tensor:
-    """int64 ``(B, nb, m)``: per token block of ``change`` ``(B, nb, block, hidden)`` the ``share`` of hidden units
+    """int32 ``(B, nb, m)``: per token block of ``change`` ``(B, nb, block, hidden)`` the ``share`` of hidden units
     with the largest summed change."""
     count = max(1, math.ceil(share * change.shape[-1]))
-    return change.sum(dim=2).topk(count, dim=-1).indices
-
-
-def _mlp_delta(site, x: torch.Tensor, state: dict, block: int) -> torch.Tensor:
-    """The feed-forward from its cache, recomputing each block's chosen hidden units (both caches updated)."""
-    batch, tokens, _ = x.shape
-    units = state["units"]  # (B, nb, m)
-    w_up = site.up.weight[units]  # (B, nb, m, C)
-    pre = torch.einsum("bntc,bnmc->bntm", _blocks(x, block), w_up)
-    if site.up.bias is not None:
-        pre = pre + site.up.bias[units][:, :, None, :]
-    new = site.activation(pre)  # (B, nb, block, m)
-    activation = state["activation"]
-    index = units[:, :, None, :].expand_as(new)
-    delta = new - activation.gather(-1, index)
-    activation.scatter_(-1, index, new)  # the cache takes the new values in place
-    w_down = site.down.weight.t()[units]  # (B, nb, m, C_out)
-    change = torch.einsum("bntm,bnmo->bnto", delta, w_down).reshape(batch, -1, w_down.shape[-1])[:, :tokens]
-    state["out"] = state["out"] + change
-    return state["out"]
+    return change.sum(dim=2).topk(count, dim=-1).indices.to(torch.int32)
