@@ -16,11 +16,17 @@ forward that builds plans and tunes kernels) per configuration:
 - ``svg-<d>-spatial``: every head forced spatial (no classification, no token
   order): the difference to ``svg-<d>`` is the cost of classifying and of the
   layout transformation;
-- ``chipmunk-<k>``: Chipmunk attention deltas keeping ``k`` of the keys, the
-  first two layers dense, timed on a sparse step (the untimed forward fills
-  the cache) and, as ``chipmunk-<k>-dense-step``, on a scheduled dense step
-  (step 0: dense attention, column mass, selection and the cache).  The
-  50-step composition uses the default schedule's 4 dense steps.
+- ``chipmunk-<k>``: Chipmunk attention deltas keeping ``k`` of the keys (and,
+  with ``--mlp-top-k``, feed-forward deltas recomputing that share of hidden
+  units), the first two layers dense, timed on a sparse step (the untimed
+  forward fills the cache) and, as ``chipmunk-<k>-dense-step``, on a
+  scheduled dense step (dense attention, column mass, selection and the
+  caches); ``chipmunk-<k>-cpu`` is the sparse step with the attention caches
+  in host memory (``cache_device: cpu``), whose output is checked to be
+  bit-identical to the GPU-cache one; ``chipmunk-<k>-skipped-step`` a step
+  that step caching skips.  The 50-step compositions use the default
+  schedule's 4 dense steps, and with step caching Chipmunk's 25 skipped steps
+  (:data:`SKIP_STEPS`).  Every row has the peak GPU memory of its forwards.
 
 ``--compile-configs`` times the same under ``torch.compile(transformer)``
 (applied after vdit-sparse, as the README says): the first call's time
@@ -68,6 +74,9 @@ COGVIDEOX_5B = dict(
     temporal_interpolation_scale=1.0, use_rotary_positional_embeddings=True, use_learned_positional_embeddings=False,
 )
 CONFIGS = ("dense", "floor", "floor-qk", "svg", "svg-spatial", "chipmunk")
+# Chipmunk's step-caching schedule for HunyuanVideo (its examples' config): 25 of 50 steps reuse the last output.
+SKIP_STEPS = [7, 11, 13, 14, 15, 17, 18, 19, 21, 22, 23, 25, 26, 27, 29, 31, 33, 34, 35, 37, 38, 39, 41, 42, 43]
+REFRESH_STEPS = [0, 1, 10, 40]  # Chipmunk's default dense steps
 # Latent inputs per model: 49 frames at 480x720 -> 13 x 60 x 90 latents, B = 2 (batched CFG);
 # 129 frames at 720x1280 -> 33 x 90 x 160 latents, B = 1.
 SHAPES = {"cogvideox-5b": dict(frames=13, height=60, width=90), "hunyuan-video": dict(frames=33, height=90, width=160)}
@@ -78,6 +87,9 @@ def parse_args():
     parser.add_argument("--model", choices=sorted(SHAPES), required=True)
     parser.add_argument("--densities", type=float, nargs="+", default=[0.25])
     parser.add_argument("--top-k", type=float, nargs="+", default=[0.05], help="chipmunk's kept share of keys")
+    parser.add_argument("--mlp-top-k", type=float, default=None, help="chipmunk's recomputed share of hidden units")
+    parser.add_argument("--chipmunk-cpu-cache", action="store_true", help="also time chipmunk with its caches on the CPU")
+    parser.add_argument("--chipmunk-step-cache", action="store_true", help="also time a step that step caching skips")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--warmup-steps", type=int, default=10, help="dense steps of the composed 50-step run")
     parser.add_argument("--repeats", type=int, default=3, help="timed forwards per configuration (median)")
@@ -155,22 +167,22 @@ def forward(model, inputs, pipe, batch: int, step: int):
     # As the pipelines do: the transformer gets a view of the schedule's entry.
     timestep = pipe.scheduler.timesteps[step]
     pipe.current_timestep = timestep
-    model(**inputs, timestep=timestep.expand(batch), return_dict=False)
+    return model(**inputs, timestep=timestep.expand(batch), return_dict=False)[0]
 
 
-def timed(model, inputs, pipe, batch, step, repeats, device, later_steps=None) -> float:
-    """Median time of ``repeats`` forwards at ``step`` after an untimed one there; with ``later_steps``, the
-    timed forwards run at those steps instead (a method with state across steps sees a run advance:
-    repeated forwards at one step are what separate CFG calls look like)."""
+def timed(model, inputs, pipe, batch, step, repeats, device, later_steps=None) -> tuple[float, torch.Tensor]:
+    """(median time of ``repeats`` forwards at ``step`` after an untimed one there, the last output); with
+    ``later_steps``, the timed forwards run at those steps instead (a method with state across steps sees a
+    run advance: repeated forwards at one step are what separate CFG calls look like)."""
     forward(model, inputs, pipe, batch, step)  # warm-up: plans, autotuning, lazy initialisation
     times = []
     for repeat in range(repeats):
         synchronize(device)
         start = time.perf_counter()
-        forward(model, inputs, pipe, batch, later_steps[repeat] if later_steps else step)
+        output = forward(model, inputs, pipe, batch, later_steps[repeat] if later_steps else step)
         synchronize(device)
         times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+    return sorted(times)[len(times) // 2], output
 
 
 def profile_counts(model, inputs, pipe, batch, step, device) -> dict:
@@ -229,7 +241,7 @@ def attention_replaced(keep_queries_and_keys: bool = False):
         torch.nn.functional.scaled_dot_product_attention = original
 
 
-def measure(model, inputs, pipe, batch, step, args, profile, compiled: bool, later_steps=None) -> dict:
+def measure(model, inputs, pipe, batch, step, args, profile, compiled: bool, later_steps=None, outputs=None) -> dict:
     """One configuration: the step time, and (eager) its profiler counts or (compiled) its compile figures.
 
     ``profile`` None is the untouched model.  Compiled, the first forward
@@ -239,6 +251,10 @@ def measure(model, inputs, pipe, batch, step, args, profile, compiled: bool, lat
     from vdit_sparse import accelerate_pipeline
 
     handle = accelerate_pipeline(pipe, profile) if profile is not None else None
+    on_gpu = args.device.startswith("cuda")
+    if on_gpu:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
     try:
         row: dict = {}
         if compiled:
@@ -261,13 +277,18 @@ def measure(model, inputs, pipe, batch, step, args, profile, compiled: bool, lat
             row["graph_breaks"] = {reason.splitlines()[0][:120]: n for reason, n in counters["graph_break"].items()}
         else:
             runner = model
-        row["step_s"] = timed(runner, inputs, pipe, batch, step, args.repeats, args.device, later_steps)
+        row["step_s"], output = timed(runner, inputs, pipe, batch, step, args.repeats, args.device, later_steps)
+        if outputs is not None:
+            outputs.append(output)
+        if on_gpu:
+            row["peak_gpu_bytes"] = torch.cuda.max_memory_allocated()
         if not compiled and later_steps is None:
             row.update(profile_counts(runner, inputs, pipe, batch, step, args.device))
         if handle is not None:
             summary = handle.summary()
             row["computed_fraction"] = summary["computed_fraction"]
             row["state_bytes_after_forward"] = handle.state.nbytes()
+            row["state_bytes_on_gpu_after_forward"] = handle.state.nbytes("cuda")
         return row
     finally:
         if handle is not None:
@@ -305,6 +326,7 @@ def main():
                 "params": {"density": density, "head_kind": head_kind, "reprofile_every": 1}}
 
     configs: dict[str, dict] = {}
+    outputs: dict[str, list] = {}
     with torch.no_grad(), sdpa:
         for compiled in (False, True):
             mode = "compiled" if compiled else "eager"
@@ -321,20 +343,32 @@ def main():
                     runs.append((f"svg-{density}-spatial", svg(density, "spatial"), {"density": density}))
             if "chipmunk" in wanted:
                 for top_k in args.top_k:
+                    params = {"top_k": top_k, "mlp_top_k": args.mlp_top_k}
                     profile = {"name": f"chipmunk-{top_k}", "method": "chipmunk", "dense_layers": [0, 1],
-                               "params": {"top_k": top_k}}
-                    # sparse steps after a refresh at `step`; refresh steps 1, 10, 40 after step 0
-                    sparse_steps = [s for s in range(step + 1, args.steps) if s not in (10, 40)][: args.repeats]
-                    runs.append((f"chipmunk-{top_k}", profile, {"top_k": top_k, "later_steps": sparse_steps}))
+                               "params": params}
+                    # sparse steps after the cache was filled at `step`
+                    sparse_steps = [s for s in range(step + 1, args.steps) if s not in REFRESH_STEPS][: args.repeats]
+                    extra = {"top_k": top_k, "mlp_top_k": args.mlp_top_k, "later_steps": sparse_steps}
+                    runs.append((f"chipmunk-{top_k}", profile, extra))
                     runs.append((f"chipmunk-{top_k}-dense-step", profile,
-                                 {"top_k": top_k, "at_step": 0, "later_steps": [1, 10, 40][: args.repeats]}))
+                                 {**extra, "at_step": 0, "later_steps": [1, 10, 40][: args.repeats]}))
+                    if args.chipmunk_cpu_cache and not compiled:
+                        cpu = {**profile, "params": {**params, "cache_device": "cpu"}}
+                        runs.append((f"chipmunk-{top_k}-cpu", cpu, extra))
+                    if args.chipmunk_step_cache:
+                        cached = {**profile, "step_cache": {"skip_steps": SKIP_STEPS, "schedule_steps": 50}}
+                        skipped = [s for s in SKIP_STEPS if s > step][: args.repeats]
+                        runs.append((f"chipmunk-{top_k}-skipped-step", cached, {**extra, "later_steps": skipped}))
             for name, profile, extra in runs:
                 floor = attention_replaced(name == "floor-qk") if name.startswith("floor") else contextlib.nullcontext()
                 at, later = extra.get("at_step", step), extra.get("later_steps")
+                kept = outputs.setdefault(prefix + name, []) if name.startswith("chipmunk") else None
                 with floor:
                     row = {"mode": mode, **extra,
-                           **measure(model, inputs, pipe, batch, at, args, profile, compiled, later)}
+                           **measure(model, inputs, pipe, batch, at, args, profile, compiled, later, kept)}
                 configs[prefix + name] = row
+                if name.endswith("-cpu"):  # the same forwards with the caches on the GPU came just before
+                    row["output_equals_gpu_cache"] = torch.equal(outputs[name[: -len("-cpu")]][0], kept[0])
                 print(f"{prefix + name}: {row['step_s']:.3f} s" + "".join(
                     f", {key} {row[key]}" for key in ("first_call_s", "recompiled_after_first_call", "computed_fraction",
                                                        "host_syncs_in_forward") if key in row
@@ -363,16 +397,27 @@ def main():
                 "sparse_total_s": sparse_total,
                 "speedup": args.steps * dense / sparse_total,
             }
-    for top_k in args.top_k:
-        sparse_name, dense_name = f"chipmunk-{top_k}", f"chipmunk-{top_k}-dense-step"
-        if sparse_name in configs and dense_name in configs and "dense" in configs:
-            dense, sparse, refresh = (configs[n]["step_s"] for n in ("dense", sparse_name, dense_name))
-            total = 4 * refresh + (args.steps - 4) * sparse
-            results.setdefault("composed", {})[sparse_name] = {
-                "schedule": f"4 of {args.steps} steps dense with the cache refreshed (steps 0, 1, 10, 40), "
-                f"the rest {sparse_name}", "dense_total_s": args.steps * dense, "sparse_total_s": total,
-                "speedup": args.steps * dense / total,
-            }
+    for prefix, base in (("", "dense"), ("compiled-", "compiled-dense")):
+        for top_k in args.top_k:
+            name = f"{prefix}chipmunk-{top_k}"
+            if not all(n in configs for n in (name, f"{name}-dense-step", base)):
+                continue
+            dense, sparse, refresh = (configs[n]["step_s"] for n in (base, name, f"{name}-dense-step"))
+            eager_dense = configs["dense"]["step_s"] if "dense" in configs else None
+            composed = {"default": (len(REFRESH_STEPS), args.steps - len(REFRESH_STEPS), 0)}
+            if f"{name}-skipped-step" in configs:
+                composed["step-cache"] = (len(REFRESH_STEPS), args.steps - len(REFRESH_STEPS) - len(SKIP_STEPS),
+                                          len(SKIP_STEPS))
+            for schedule, (refreshes, sparse_steps, skipped) in composed.items():
+                skip = configs[f"{name}-skipped-step"]["step_s"] if skipped else 0.0
+                total = refreshes * refresh + sparse_steps * sparse + skipped * skip
+                results.setdefault("composed", {})[f"{name}-{schedule}"] = {
+                    "schedule": f"{refreshes} of {args.steps} steps dense with the caches refreshed {REFRESH_STEPS}, "
+                    f"{sparse_steps} {name}" + (f", {skipped} skipped by step caching {SKIP_STEPS}" if skipped else ""),
+                    "dense_total_s": args.steps * dense, "sparse_total_s": total,
+                    "speedup": args.steps * dense / total,
+                    **({"speedup_over_eager_dense": args.steps * eager_dense / total} if prefix and eager_dense else {}),
+                }
     print(json.dumps({k: results[k] for k in ("classification_and_layout", "composed") if k in results}, indent=2))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")

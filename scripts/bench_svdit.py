@@ -201,7 +201,7 @@ def main():
             print(json.dumps(results["kernel"], indent=1))
             save()
         if "step" in args.parts or "search" in args.parts:
-            dense = timed(model, inputs, pipe, batch, step, args.repeats, args.device)
+            dense, _ = timed(model, inputs, pipe, batch, step, args.repeats, args.device)
             results["dense_step_s"] = dense
             save()
         if "step" in args.parts:
@@ -214,7 +214,7 @@ def main():
             density = min(densities, key=lambda d: abs(mix_fraction(layout, d, block_m, block_n, args.device) - target))
             profile = mix_profile(layout, density, num_layers, block_n)
             with accelerate_pipeline(pipe, profile) as handle:
-                sparse = timed(model, inputs, pipe, batch, step, args.repeats, args.device)
+                sparse, _ = timed(model, inputs, pipe, batch, step, args.repeats, args.device)
                 fraction = handle.summary()["computed_fraction"]
             flops = attention_flops * fraction + other_flops
             results["paper_mix"] = {
@@ -248,7 +248,7 @@ def part_search(pipe, model, inputs, batch, step, layout, num_layers, block_n, a
     with _search_handle(pipe, record):
         searched = [cuda_time(lambda: forward(model, inputs, pipe, batch, step), 1, args.device)]
     peak_search = torch.cuda.max_memory_allocated() if on_gpu else None
-    dense = timed(model, inputs, pipe, batch, step, 1, args.device)
+    dense, _ = timed(model, inputs, pipe, batch, step, 1, args.device)
     chosen = {}
     for layer in range(num_layers):
         for mode, _ in record.decisions(layer):
