@@ -125,19 +125,23 @@ def _mlp_delta_down_kernel(
     tl.store(p_out, (out.to(tl.float32) + acc).to(out.dtype), mask=keep)
 
 
-def _tile(block: int) -> int:
-    tile = next((t for t in (64, 32, 16) if block % t == 0), None)
+def _tile(block: int, largest: int) -> int:
+    """The token tile: the largest of ``largest``, 64, 32, 16 that divides the token block."""
+    tile = next((t for t in (largest, 64, 32, 16) if t <= largest and block % t == 0), None)
     if tile is None:
         raise ValueError(f"the MLP delta kernels need token blocks of a multiple of 16 tokens, got {block}")
     return tile
 
 
 def mlp_delta_up(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], units: torch.Tensor,
-                 activation: torch.Tensor, gelu: str = "tanh") -> torch.Tensor:
+                 activation: torch.Tensor, gelu: str = "tanh", *, block_t: int = 128, block_u: int = 64,
+                 block_c: int = 64, num_warps: int = 4) -> torch.Tensor:
     """x ``(B, T, C)``, the up projection ``weight (N, C)`` and ``bias (N)``, int ``units (B, nb, m)``, the cached
     activations ``(B, nb, block, N)`` (updated in place) -> the change ``(B, nb, block, m)`` in x's dtype.
 
-    ``gelu`` is the GELU's ``approximate`` (``"tanh"`` or ``"none"``).
+    ``gelu`` is the GELU's ``approximate`` (``"tanh"`` or ``"none"``).  One
+    program computes ``block_t`` tokens (at most the token block) by
+    ``block_u`` units, ``block_c`` input features at a time.
     """
     batch, tokens, features = x.shape
     if gelu not in GELU_KINDS:
@@ -147,60 +151,63 @@ def mlp_delta_up(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
     if weight.shape != (activation.shape[3], features) or units.shape[:2] != activation.shape[:2]:
         raise ValueError(f"weight {tuple(weight.shape)} / units {tuple(units.shape)} do not fit the activation "
                          f"{tuple(activation.shape)} and x {tuple(x.shape)}")
-    _tile(activation.shape[2])
+    block_t = _tile(activation.shape[2], block_t)
     if not (x.stride(-1) == weight.stride(-1) == activation.stride(-1) == units.stride(-1) == 1):
         raise ValueError("x, weight, units and activation must be contiguous in their last dim")
-    return _mlp_delta_up_op(x, weight, bias, units, activation, gelu == "tanh")
+    return _mlp_delta_up_op(x, weight, bias, units, activation, gelu == "tanh", block_t, block_u, block_c, num_warps)
 
 
 @torch.library.custom_op("vdit_sparse::mlp_delta_up", mutates_args=("activation",))
 def _mlp_delta_up_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], units: torch.Tensor,
-                     activation: torch.Tensor, tanh: bool) -> torch.Tensor:
+                     activation: torch.Tensor, tanh: bool, block_t: int, block_u: int, block_c: int,
+                     num_warps: int) -> torch.Tensor:
     batch, tokens, features = x.shape
     _, blocks, block, _ = activation.shape
     count = units.shape[-1]
     delta = x.new_empty(batch, blocks, block, count)
     flat = activation.view(batch, blocks * block, -1)
-    block_t, block_u = _tile(block), 64
     grid = (triton.cdiv(count, block_u), blocks * (block // block_t), batch)
     kernel_for(_mlp_delta_up_kernel, x.device)[grid](
         x, weight, bias if bias is not None else weight, units, flat, delta,
         tokens, features, count,
         x.stride(0), x.stride(1), weight.stride(0), units.stride(0), units.stride(1),
         flat.stride(0), flat.stride(1), *delta.stride()[:3],
-        TILES_PER_BLOCK=block // block_t, BLOCK_T=block_t, BLOCK_U=block_u, BLOCK_C=64,
-        HAS_BIAS=bias is not None, TANH=tanh, DOT_IN_FP32=x.device.type == "cpu", num_warps=4, num_stages=3,
+        TILES_PER_BLOCK=block // block_t, BLOCK_T=block_t, BLOCK_U=block_u, BLOCK_C=block_c,
+        HAS_BIAS=bias is not None, TANH=tanh, DOT_IN_FP32=x.device.type == "cpu", num_warps=num_warps, num_stages=3,
     )
     return delta
 
 
 @_mlp_delta_up_op.register_fake
-def _(x, weight, bias, units, activation, tanh):
+def _(x, weight, bias, units, activation, tanh, block_t, block_u, block_c, num_warps):
     return x.new_empty(*activation.shape[:3], units.shape[-1])
 
 
-def mlp_delta_down(delta: torch.Tensor, weight_t: torch.Tensor, units: torch.Tensor, out: torch.Tensor) -> None:
-    """Adds ``delta (B, nb, block, m) @ weight_t[units] (m, O)`` per token block to ``out (B, T, O)`` in place."""
+def mlp_delta_down(delta: torch.Tensor, weight_t: torch.Tensor, units: torch.Tensor, out: torch.Tensor, *,
+                   block_t: int = 128, block_o: int = 64, block_u: int = 32, num_warps: int = 4) -> None:
+    """Adds ``delta (B, nb, block, m) @ weight_t[units] (m, O)`` per token block to ``out (B, T, O)`` in place.
+
+    One program computes ``block_t`` tokens by ``block_o`` output features, ``block_u`` units at a time."""
     batch, blocks, block, count = delta.shape
     if units.shape != (batch, blocks, count) or weight_t.dim() != 2:
         raise ValueError(f"units {tuple(units.shape)} / weight_t {tuple(weight_t.shape)} do not fit delta {tuple(delta.shape)}")
     if out.dim() != 3 or out.shape[0] != batch or out.shape[2] != weight_t.shape[1] or out.shape[1] > blocks * block:
         raise ValueError(f"out must be (B, T <= {blocks * block}, {weight_t.shape[1]}), got {tuple(out.shape)}")
-    _tile(block)
+    block_t = _tile(block, block_t)
     if not (delta.stride(-1) == weight_t.stride(-1) == units.stride(-1) == out.stride(-1) == 1):
         raise ValueError("delta, weight_t, units and out must be contiguous in their last dim")
-    _mlp_delta_down_op(delta, weight_t, units, out)
+    _mlp_delta_down_op(delta, weight_t, units, out, block_t, block_o, block_u, num_warps)
 
 
 @torch.library.custom_op("vdit_sparse::mlp_delta_down", mutates_args=("out",))
-def _mlp_delta_down_op(delta: torch.Tensor, weight_t: torch.Tensor, units: torch.Tensor, out: torch.Tensor) -> None:
+def _mlp_delta_down_op(delta: torch.Tensor, weight_t: torch.Tensor, units: torch.Tensor, out: torch.Tensor,
+                       block_t: int, block_o: int, block_u: int, num_warps: int) -> None:
     batch, blocks, block, count = delta.shape
-    block_t, block_o = _tile(block), 64
     grid = (triton.cdiv(out.shape[2], block_o), blocks * (block // block_t), batch)
     kernel_for(_mlp_delta_down_kernel, delta.device)[grid](
         delta, weight_t, units, out,
         out.shape[1], count, out.shape[2],
         *delta.stride()[:3], weight_t.stride(0), units.stride(0), units.stride(1), out.stride(0), out.stride(1),
-        TILES_PER_BLOCK=block // block_t, BLOCK_T=block_t, BLOCK_U=32, BLOCK_O=block_o,
-        DOT_IN_FP32=delta.device.type == "cpu", num_warps=4, num_stages=3,
+        TILES_PER_BLOCK=block // block_t, BLOCK_T=block_t, BLOCK_U=block_u, BLOCK_O=block_o,
+        DOT_IN_FP32=delta.device.type == "cpu", num_warps=num_warps, num_stages=3,
     )

@@ -90,6 +90,8 @@ def parse_args():
     parser.add_argument("--mlp-top-k", type=float, default=None, help="chipmunk's recomputed share of hidden units")
     parser.add_argument("--chipmunk-cpu-cache", action="store_true", help="also time chipmunk with its caches on the CPU")
     parser.add_argument("--chipmunk-step-cache", action="store_true", help="also time a step that step caching skips")
+    parser.add_argument("--op-table", action="store_true",
+                        help="add each eager method row's 15 costliest operators (torch.profiler, one more forward)")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--warmup-steps", type=int, default=10, help="dense steps of the composed 50-step run")
     parser.add_argument("--repeats", type=int, default=3, help="timed forwards per configuration (median)")
@@ -219,6 +221,17 @@ def profile_counts(model, inputs, pipe, batch, step, device) -> dict:
     }
 
 
+def op_table(model, inputs, pipe, batch, step) -> dict[str, float]:
+    """The 15 operators of one forward at ``step`` with the most device time (ms, self time)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        forward(model, inputs, pipe, batch, step)
+        torch.cuda.synchronize()
+    rows = [(getattr(r, "self_device_time_total", 0.0), r.key) for r in prof.key_averages()]
+    return {key: us / 1000 for us, key in sorted(rows, reverse=True)[:15]}
+
+
 @contextlib.contextmanager
 def attention_replaced(keep_queries_and_keys: bool = False):
     """SDPA returns a copy of v: the step without attention (the processors call it at call time).
@@ -284,6 +297,8 @@ def measure(model, inputs, pipe, batch, step, args, profile, compiled: bool, lat
             row["peak_gpu_bytes"] = torch.cuda.max_memory_allocated()
         if not compiled and later_steps is None:
             row.update(profile_counts(runner, inputs, pipe, batch, step, args.device))
+        if not compiled and handle is not None and args.op_table:
+            row["costliest_ops_ms"] = op_table(runner, inputs, pipe, batch, later_steps[0] if later_steps else step)
         if handle is not None:
             summary = handle.summary()
             row["computed_fraction"] = summary["computed_fraction"]

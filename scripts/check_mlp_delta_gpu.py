@@ -6,7 +6,8 @@ widths), bf16, 128-token blocks each recomputing ``--share`` of the hidden
 units: the kernels' output (the change, the updated activation cache, the
 updated output) against the float64 reference, beside the same reference in
 bf16 (the FlashAttention ratio rule), and the time of the two kernels against
-the dense feed-forward (cuBLAS matmuls and GELU).  Errors are measured on the
+the dense feed-forward (cuBLAS matmuls and GELU), with the default tiles and
+with each tile choice of :data:`UP_CONFIGS` and :data:`DOWN_CONFIGS`.  Errors are measured on the
 first 16,384 tokens, times on all of them.
 
     python scripts/check_mlp_delta_gpu.py --out benchmarks/results/mlp-delta-h200.json
@@ -29,6 +30,9 @@ from vdit_sparse.kernels.reference import mlp_delta_down_reference, mlp_delta_up
 SHAPES = {"cogvideox-5b": (2, 17776), "hunyuan-video": (1, 119056)}
 FEATURES, HIDDEN, BLOCK = 3072, 12288, 128
 CHECKED_TOKENS = 16384
+# (block_t, block_u, block_c, warps) of the up kernel, (block_t, block_o, block_u, warps) of the down kernel
+UP_CONFIGS = [(t, u, 64, w) for t in (64, 128) for u in (64, 128) for w in (4, 8)]
+DOWN_CONFIGS = [(t, o, u, w) for t in (64, 128) for o in (64, 128) for u in (32, 64) for w in (4, 8)]
 
 
 def cuda_time(fn, repeats: int) -> float:
@@ -83,17 +87,27 @@ def check(name: str, share: float, repeats: int) -> dict:
         del exact
         cache, result = activation.clone(), out.clone()
 
+        delta = mlp_delta_up(x, w_up, b_up, units, cache, "tanh")
+        up_times = {f"block_t={t},block_u={u},block_c={c},warps={w}": cuda_time(
+            lambda: mlp_delta_up(x, w_up, b_up, units, cache, "tanh", block_t=t, block_u=u, block_c=c, num_warps=w),
+            repeats) for t, u, c, w in UP_CONFIGS}
+        down_times = {f"block_t={t},block_o={o},block_u={u},warps={w}": cuda_time(
+            lambda: mlp_delta_down(delta, w_down_t, units, result, block_t=t, block_o=o, block_u=u, num_warps=w),
+            repeats) for t, o, u, w in DOWN_CONFIGS}
+
         def sparse():
-            delta = mlp_delta_up(x, w_up, b_up, units, cache, "tanh")
-            mlp_delta_down(delta, w_down_t, units, result)
+            mlp_delta_down(mlp_delta_up(x, w_up, b_up, units, cache, "tanh"), w_down_t, units, result)
 
         def dense():
             F.linear(F.gelu(F.linear(x, w_up, b_up), approximate="tanh"), w_down, b_down)
 
         sparse_s, dense_s = cuda_time(sparse, repeats), cuda_time(dense, repeats)
+    best_up, best_down = min(up_times.values()), min(down_times.values())
     return {"batch": batch, "tokens": tokens, "features": FEATURES, "hidden": HIDDEN, "block": BLOCK,
-            "units_per_block": count, "errors_on_tokens": CHECKED_TOKENS, "errors": errors, "delta_kernels_s": sparse_s, "dense_feed_forward_s": dense_s,
-            "speedup": dense_s / sparse_s}
+            "units_per_block": count, "errors_on_tokens": CHECKED_TOKENS, "errors": errors,
+            "delta_kernels_s": sparse_s, "dense_feed_forward_s": dense_s, "speedup": dense_s / sparse_s,
+            "best_tiles_s": best_up + best_down, "speedup_best_tiles": dense_s / (best_up + best_down),
+            "up_kernel_s_by_tiles": up_times, "down_kernel_s_by_tiles": down_times}
 
 
 def main():

@@ -74,6 +74,7 @@ def test_sparse_steps_reuse_the_cache_and_dense_steps_refresh_it():
     routing.attend(*qkv(2), AttentionCall(0, StepContext(10, 50, 1.0, 0, LAYOUT), None, stats), store)
     assert slot["o_cache"] is not cache and not torch.equal(slot["columns"], columns)  # step 10 is dense again
     assert columns.shape[-1] == 11 + 23 + 3  # every text key, 10% of the 221 keys by mass (rounded up), 1% at random
+    assert (slot["counts"] >= 11 + 23).all() and (slot["counts"] <= 11 + 23 + 3).all()  # random draws may repeat
     assert stats.calls == {"chipmunk": 3}
 
 
@@ -96,6 +97,14 @@ def test_column_mass_and_selection():
     assert torch.isin(text, columns[0, 0, 0].long()).all()  # text keys always kept
     heaviest = mass[0, 0, 0].masked_fill(LAYOUT.is_text(), -1).argmax()
     assert heaviest in columns[0, 0, 0].tolist()
+    # with random columns: each group's list ascends without repeats up to its count, then holds S
+    top, _ = select_columns(mass, LAYOUT, 0.05, 0.0)
+    columns, counts = select_columns(mass, LAYOUT, 0.05, 0.2, torch.Generator().manual_seed(0))
+    assert columns.shape[-1] == top.shape[-1] + 45 and (counts > top.shape[-1]).all()
+    for group, count in zip(columns.flatten(0, 2), counts.flatten()):
+        listed = group[:count]
+        assert (listed[1:] > listed[:-1]).all() and (group[count:] == LAYOUT.seq_len).all()
+    assert all(torch.isin(t, c).all() for t, c in zip(top.flatten(0, 2), columns.flatten(0, 2)))
 
 
 def test_chipmunk_parameters_are_checked():

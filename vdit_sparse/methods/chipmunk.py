@@ -13,8 +13,8 @@ last).  A query group is one voxel.
   steps, scaled to the run's step count; and any step without a cache)
   compute exact attention.  Per query group they sum the attention
   probabilities of each key column and keep the ``top_k`` share of the keys
-  with the most mass, plus a ``random_fraction`` share at random, plus every
-  text key.  They cache ``o_cache = O_dense - O_selected`` for the video
+  with the most mass, plus up to a ``random_fraction`` share at random, plus
+  every text key.  They cache ``o_cache = O_dense - O_selected`` for the video
   queries, where ``O_selected`` is attention over the kept columns only.
 - **Sparse steps** compute ``O = o_cache + O_selected`` with the
   column-sparse kernel (:mod:`vdit_sparse.kernels.column_sparse_attention`),
@@ -111,8 +111,9 @@ def _attention(q, k, v, key_padding_mask) -> torch.Tensor:
 
 def select_columns(mass: torch.Tensor, layout: TokenLayout, top_k: float, random_fraction: float,
                    generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """int32 ``(B, H, G, K)`` ascending columns and ``(B, H, G)`` counts: every text key, the ``top_k`` share of
-    keys with the most mass, and a ``random_fraction`` share of the rest at random."""
+    """int32 ``(B, H, G, K)`` columns and ``(B, H, G)`` counts: every text key, the ``top_k`` share of keys with
+    the most mass, and up to a ``random_fraction`` share more, drawn at random (a draw of a column already
+    listed is dropped).  Each group's listed columns ascend; entries past its count are ``S``."""
     seq_len = mass.shape[-1]
     text = layout.is_text(mass.device)
     num_top = min(math.ceil(top_k * seq_len), seq_len - layout.text_length)
@@ -120,12 +121,16 @@ def select_columns(mass: torch.Tensor, layout: TokenLayout, top_k: float, random
     ranked = mass.masked_fill(text, float("inf"))  # text first, then the heaviest columns
     chosen = ranked.topk(layout.text_length + num_top, dim=-1).indices
     if num_random > 0:
-        noise = torch.rand(mass.shape, generator=generator, device=mass.device)
-        noise.scatter_(-1, chosen, -1.0)  # the chosen ones are not drawn again
-        chosen = torch.cat([chosen, noise.topk(num_random, dim=-1).indices], dim=-1)
+        drawn = torch.randint(seq_len, (*mass.shape[:-1], num_random), generator=generator, device=mass.device)
+        chosen = torch.cat([chosen, drawn], dim=-1).sort(dim=-1).values
+        repeat = torch.zeros_like(chosen, dtype=torch.bool)
+        repeat[..., 1:] = chosen[..., 1:] == chosen[..., :-1]
+        chosen = chosen.masked_fill(repeat, seq_len)  # repeats move past the count
+        counts = chosen.shape[-1] - repeat.sum(dim=-1)
+    else:
+        counts = torch.full(chosen.shape[:-1], chosen.shape[-1], device=mass.device)
     columns = chosen.sort(dim=-1).values.to(torch.int32).contiguous()
-    counts = torch.full(columns.shape[:3], columns.shape[-1], dtype=torch.int32, device=mass.device)
-    return columns, counts
+    return columns, counts.to(torch.int32)
 
 
 @register_method
