@@ -134,14 +134,16 @@ def _tile(block: int, largest: int) -> int:
 
 
 def mlp_delta_up(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], units: torch.Tensor,
-                 activation: torch.Tensor, gelu: str = "tanh", *, block_t: int = 128, block_u: int = 64,
-                 block_c: int = 64, num_warps: int = 4) -> torch.Tensor:
+                 activation: torch.Tensor, gelu: str = "tanh", *, block_t: int = 64, block_u: int = 64,
+                 block_c: int = 64, num_warps: int = 8) -> torch.Tensor:
     """x ``(B, T, C)``, the up projection ``weight (N, C)`` and ``bias (N)``, int ``units (B, nb, m)``, the cached
     activations ``(B, nb, block, N)`` (updated in place) -> the change ``(B, nb, block, m)`` in x's dtype.
 
     ``gelu`` is the GELU's ``approximate`` (``"tanh"`` or ``"none"``).  One
     program computes ``block_t`` tokens (at most the token block) by
-    ``block_u`` units, ``block_c`` input features at a time.
+    ``block_u`` units, ``block_c`` input features at a time.  The defaults
+    were the fastest of those ``scripts/check_mlp_delta_gpu.py`` timed on an
+    H200 at both real shapes (``benchmarks/results/mlp-delta-h200.json``).
     """
     batch, tokens, features = x.shape
     if gelu not in GELU_KINDS:
@@ -184,10 +186,11 @@ def _(x, weight, bias, units, activation, tanh, block_t, block_u, block_c, num_w
 
 
 def mlp_delta_down(delta: torch.Tensor, weight_t: torch.Tensor, units: torch.Tensor, out: torch.Tensor, *,
-                   block_t: int = 128, block_o: int = 64, block_u: int = 32, num_warps: int = 4) -> None:
+                   block_t: int = 64, block_o: int = 128, block_u: int = 32, num_warps: int = 4) -> None:
     """Adds ``delta (B, nb, block, m) @ weight_t[units] (m, O)`` per token block to ``out (B, T, O)`` in place.
 
-    One program computes ``block_t`` tokens by ``block_o`` output features, ``block_u`` units at a time."""
+    One program computes ``block_t`` tokens by ``block_o`` output features, ``block_u`` units at a time (the
+    defaults: as for :func:`mlp_delta_up`)."""
     batch, blocks, block, count = delta.shape
     if units.shape != (batch, blocks, count) or weight_t.dim() != 2:
         raise ValueError(f"units {tuple(units.shape)} / weight_t {tuple(weight_t.shape)} do not fit delta {tuple(delta.shape)}")

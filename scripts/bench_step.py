@@ -90,6 +90,7 @@ def parse_args():
     parser.add_argument("--mlp-top-k", type=float, default=None, help="chipmunk's recomputed share of hidden units")
     parser.add_argument("--chipmunk-cpu-cache", action="store_true", help="also time chipmunk with its caches on the CPU")
     parser.add_argument("--chipmunk-step-cache", action="store_true", help="also time a step that step caching skips")
+    parser.add_argument("--no-counts", action="store_true", help="skip the profiler's sync and copy counts")
     parser.add_argument("--op-table", action="store_true",
                         help="add each eager method row's 15 costliest operators (torch.profiler, one more forward)")
     parser.add_argument("--steps", type=int, default=50)
@@ -254,7 +255,8 @@ def attention_replaced(keep_queries_and_keys: bool = False):
         torch.nn.functional.scaled_dot_product_attention = original
 
 
-def measure(model, inputs, pipe, batch, step, args, profile, compiled: bool, later_steps=None, outputs=None) -> dict:
+def measure(model, inputs, pipe, batch, step, args, profile, compiled: bool, later_steps=None, outputs=None,
+            profile_step=None) -> dict:
     """One configuration: the step time, and (eager) its profiler counts or (compiled) its compile figures.
 
     ``profile`` None is the untouched model.  Compiled, the first forward
@@ -295,10 +297,11 @@ def measure(model, inputs, pipe, batch, step, args, profile, compiled: bool, lat
             outputs.append(output)
         if on_gpu:
             row["peak_gpu_bytes"] = torch.cuda.max_memory_allocated()
-        if not compiled and later_steps is None:
+        if not compiled and later_steps is None and not args.no_counts:
             row.update(profile_counts(runner, inputs, pipe, batch, step, args.device))
-        if not compiled and handle is not None and args.op_table:
-            row["costliest_ops_ms"] = op_table(runner, inputs, pipe, batch, later_steps[0] if later_steps else step)
+        if not compiled and handle is not None and args.op_table and profile_step is not None:
+            row["costliest_ops_ms"] = op_table(runner, inputs, pipe, batch, profile_step)
+            row["costliest_ops_at_step"] = profile_step
         if handle is not None:
             summary = handle.summary()
             row["computed_fraction"] = summary["computed_fraction"]
@@ -364,23 +367,27 @@ def main():
                     # sparse steps after the cache was filled at `step`
                     sparse_steps = [s for s in range(step + 1, args.steps) if s not in REFRESH_STEPS][: args.repeats]
                     extra = {"top_k": top_k, "mlp_top_k": args.mlp_top_k, "later_steps": sparse_steps}
-                    runs.append((f"chipmunk-{top_k}", profile, extra))
+                    after = [s for s in range(sparse_steps[-1] + 1, args.steps) if s not in REFRESH_STEPS][:1]
+                    runs.append((f"chipmunk-{top_k}", profile, {**extra, "profile_step": (after or [None])[0]}))
+                    refreshes = REFRESH_STEPS[1:]  # the untimed forward is at step 0, the op table at the next one
                     runs.append((f"chipmunk-{top_k}-dense-step", profile,
-                                 {**extra, "at_step": 0, "later_steps": [1, 10, 40][: args.repeats]}))
+                                 {**extra, "at_step": 0, "later_steps": refreshes[: args.repeats],
+                                  "profile_step": (refreshes[args.repeats:] or [None])[0]}))
                     if args.chipmunk_cpu_cache and not compiled:
                         cpu = {**profile, "params": {**params, "cache_device": "cpu"}}
-                        runs.append((f"chipmunk-{top_k}-cpu", cpu, extra))
+                        runs.append((f"chipmunk-{top_k}-cpu", cpu, {**extra, "profile_step": None}))
                     if args.chipmunk_step_cache:
                         cached = {**profile, "step_cache": {"skip_steps": SKIP_STEPS, "schedule_steps": 50}}
                         skipped = [s for s in SKIP_STEPS if s > step][: args.repeats]
-                        runs.append((f"chipmunk-{top_k}-skipped-step", cached, {**extra, "later_steps": skipped}))
+                        runs.append((f"chipmunk-{top_k}-skipped-step", cached,
+                                     {**extra, "later_steps": skipped, "profile_step": None}))
             for name, profile, extra in runs:
                 floor = attention_replaced(name == "floor-qk") if name.startswith("floor") else contextlib.nullcontext()
-                at, later = extra.get("at_step", step), extra.get("later_steps")
+                at, later, profile_at = extra.get("at_step", step), extra.get("later_steps"), extra.get("profile_step")
                 kept = outputs.setdefault(prefix + name, []) if name.startswith("chipmunk") else None
                 with floor:
                     row = {"mode": mode, **extra,
-                           **measure(model, inputs, pipe, batch, at, args, profile, compiled, later, kept)}
+                           **measure(model, inputs, pipe, batch, at, args, profile, compiled, later, kept, profile_at)}
                 configs[prefix + name] = row
                 if name.endswith("-cpu"):  # the same forwards with the caches on the GPU came just before
                     row["output_equals_gpu_cache"] = torch.equal(outputs[name[: -len("-cpu")]][0], kept[0])

@@ -174,8 +174,8 @@ def test_in_a_pipeline_every_column_and_unit_kept_gives_the_dense_video(family_p
 
 
 @launches_kernel
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_the_column_mass_kernel_matches_its_reference(dtype):
+@pytest.mark.parametrize("dtype, groups_per_program", [(torch.float32, 1), (torch.bfloat16, 1), (torch.float32, 2)])
+def test_the_column_mass_kernel_matches_its_reference(dtype, groups_per_program):
     from vdit_sparse.kernels.column_mass import column_mass
     from vdit_sparse.kernels.reference import block_sparse_attention_reference
     from vdit_sparse.plan import dense_plan
@@ -186,7 +186,8 @@ def test_the_column_mass_kernel_matches_its_reference(dtype):
     plan = dense_plan(LAYOUT.seq_len, 3, 16, 16, "cpu")
     _, lse = block_sparse_attention_reference(q, k, v, plan.kv_block_indices, plan.kv_block_counts, block_m=16,
                                               block_n=16, key_padding_mask=padding, return_lse=True)
-    got = column_mass(q[:, :, rows], k, lse[:, :, rows], 48, key_padding_mask=padding, block_m=16, block_n=32)
+    got = column_mass(q[:, :, rows], k, lse[:, :, rows], 48, key_padding_mask=padding, block_m=16, block_n=32,
+                      groups_per_program=groups_per_program)
     expected = column_mass_reference(q[:, :, rows].float(), k.float(), 48, padding)
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(got, expected, rtol=tolerance, atol=tolerance)

@@ -12,7 +12,8 @@ last).  A query group is one voxel.
 - **Dense steps** (``dense_steps``, on a schedule of ``schedule_steps``
   steps, scaled to the run's step count; and any step without a cache)
   compute exact attention.  Per query group they sum the attention
-  probabilities of each key column and keep the ``top_k`` share of the keys
+  probabilities of each key column (over ``mass_rows`` of the group's rows,
+  evenly spread: a third of the default voxel) and keep the ``top_k`` share of the keys
   with the most mass, plus up to a ``random_fraction`` share at random, plus
   every text key.  They cache ``o_cache = O_dense - O_selected`` for the video
   queries, where ``O_selected`` is attention over the kept columns only.
@@ -70,6 +71,8 @@ class ChipmunkParams:
     top_k: float = 0.05
     #: Share of the keys added at random to each group's columns.
     random_fraction: float = 0.01
+    #: Query rows per group whose attention ranks the columns, evenly spread over the voxel (None: all rows).
+    mass_rows: Optional[int] = 64
     #: Steps that recompute dense attention and the cache, on a schedule of ``schedule_steps`` steps.
     dense_steps: List[int] = field(default_factory=lambda: [0, 1, 10, 40])
     schedule_steps: int = 50
@@ -89,6 +92,8 @@ class ChipmunkParams:
             return f"field 'top_k' must be in (0, 1], got {self.top_k}"
         if not 0.0 <= self.random_fraction < 1.0:
             return f"field 'random_fraction' must be in [0, 1), got {self.random_fraction}"
+        if self.mass_rows is not None and self.mass_rows < 1:
+            return f"field 'mass_rows' must be >= 1 or null, got {self.mass_rows}"
         if self.schedule_steps < 1:
             return f"field 'schedule_steps' must be >= 1, got {self.schedule_steps}"
         if not self.dense_steps or any(not 0 <= s < self.schedule_steps for s in self.dense_steps):
@@ -180,6 +185,7 @@ class ChipmunkMethod(AttentionMethod):
         q_video = q[:, :, video_rows]
         seq_len, num_video = layout.seq_len, video_rows.numel()
         if self.is_dense_step(call.step) or state.get("shape") != q_video.shape:
+            ranking, ranking_size = _ranking_rows(num_video, group_size, self.params.mass_rows, q.device)
             if backend == "triton":  # the dense pass gives each row's lse, from which one kernel sums the mass
                 from ..kernels.block_sparse_attention import block_sparse_attention, default_block_sizes
                 from ..kernels.column_mass import column_mass
@@ -189,12 +195,14 @@ class ChipmunkMethod(AttentionMethod):
                 plan = dense_plan(seq_len, q.shape[1], block_m, block_n, q.device)
                 out, lse = block_sparse_attention(q, k, v, plan.kv_block_indices, plan.kv_block_counts, block_m=block_m,
                                                   block_n=block_n, key_padding_mask=padding, return_lse=True)
-                mass = column_mass(q_video, k, lse[:, :, video_rows], group_size, key_padding_mask=padding)
+                picks = video_rows[ranking] if ranking is not None else video_rows
+                mass = column_mass(q[:, :, picks], k, lse[:, :, picks], ranking_size, key_padding_mask=padding)
             else:
                 from ..kernels.reference import column_mass_reference
 
                 out = _attention(q, k, v, padding)
-                mass = column_mass_reference(q_video, k, group_size, padding)
+                picks = q_video[:, :, ranking] if ranking is not None else q_video
+                mass = column_mass_reference(picks, k, ranking_size, padding)
             generator = torch.Generator(q.device).manual_seed(call.layer_index * 1000 + call.step.step_index)
             columns, counts = select_columns(mass, layout, self.params.top_k, self.params.random_fraction, generator)
             selected = self._selected(q_video, k, v, columns, counts, group_size, padding, backend)
@@ -205,8 +213,9 @@ class ChipmunkMethod(AttentionMethod):
                 state.offload("columns", columns)
             else:
                 state.update(o_cache=o_cache, columns=columns)
-            # the dense pass, the column-mass pass (its products q k^T again: half a pass) and the selected pass
-            return out, 1.0 + 0.5 * num_video / seq_len + num_video * columns.shape[-1] / seq_len**2
+            # the dense pass, the column-mass pass (the ranking rows' q k^T again: half a pass) and the selected pass
+            ranked = ranking.numel() if ranking is not None else num_video
+            return out, 1.0 + 0.5 * ranked / seq_len + num_video * columns.shape[-1] / seq_len**2
         columns, counts = state.fetch("columns"), state["counts"]
         out = torch.empty_like(q)
         out[:, :, video_rows] = state.fetch("o_cache") + self._selected(q_video, k, v, columns, counts, group_size,
@@ -248,6 +257,16 @@ class ChipmunkMethod(AttentionMethod):
             delta = mlp_delta_up_reference(x, site.up.weight, site.up.bias, units, activation, site.activation)
             mlp_delta_down_reference(delta, state["down_t"], units, out)
         return out  # the cache, updated in place: each block's recomputed units' change added
+
+
+def _ranking_rows(rows: int, group_size: int, per_group: int | None, device) -> tuple[torch.Tensor | None, int]:
+    """(positions among ``rows`` video rows of ``per_group`` rows evenly spread over each group of
+    ``group_size``, in group order, or None for all rows; the rows per group that gives)."""
+    if per_group is None or per_group >= group_size:
+        return None, group_size
+    offsets = torch.arange(per_group, device=device) * group_size // per_group
+    picks = (torch.arange(0, rows, group_size, device=device)[:, None] + offsets).flatten()
+    return picks[picks < rows], per_group
 
 
 def _blocks(x: torch.Tensor, block: int) -> torch.Tensor:
