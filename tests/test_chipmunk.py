@@ -78,6 +78,19 @@ def test_sparse_steps_reuse_the_cache_and_dense_steps_refresh_it():
     assert stats.calls == {"chipmunk": 3}
 
 
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=launches_kernel)])
+def test_the_mass_taken_a_few_heads_at_a_time_selects_the_same_columns(backend, monkeypatch):
+    from vdit_sparse.methods import chipmunk
+
+    chosen = []
+    for budget in (chipmunk.MASS_CHUNK_BYTES, 1):  # all heads at once, then one head at a time
+        monkeypatch.setattr(chipmunk, "MASS_CHUNK_BYTES", budget)
+        routing, store = layer(backend, top_k=0.1, random_fraction=0.0), StateStore()
+        routing.attend(*qkv(0), call(0), store)
+        chosen.append(store.slot((0, 0, 0))["columns"])
+    assert torch.equal(chosen[0], chosen[1])
+
+
 def test_dense_steps_scale_with_the_step_count():
     method = ChipmunkMethod(ChipmunkMethod.parse_params({"dense_steps": [0, 1, 10, 40], "schedule_steps": 50}))
     dense = [s for s in range(25) if method.is_dense_step(StepContext(s, 25, 1.0, 0, LAYOUT))]
@@ -91,15 +104,15 @@ def test_column_mass_and_selection():
     assert mass.shape == (2, 3, groups, LAYOUT.seq_len)
     full_groups = LAYOUT.seq_len // 16
     torch.testing.assert_close(mass[:, :, :full_groups].sum(-1), torch.full((2, 3, full_groups), 16.0))
-    columns, counts = select_columns(mass, LAYOUT, 0.05, 0.0)
+    columns, counts = select_columns(mass.clone(), LAYOUT, 0.05, 0.0)
     assert (counts == columns.shape[-1]).all()
     text = torch.arange(LAYOUT.text_start, LAYOUT.text_end)
     assert torch.isin(text, columns[0, 0, 0].long()).all()  # text keys always kept
     heaviest = mass[0, 0, 0].masked_fill(LAYOUT.is_text(), -1).argmax()
     assert heaviest in columns[0, 0, 0].tolist()
     # with random columns: each group's list ascends without repeats up to its count, then holds S
-    top, _ = select_columns(mass, LAYOUT, 0.05, 0.0)
-    columns, counts = select_columns(mass, LAYOUT, 0.05, 0.2, torch.Generator().manual_seed(0))
+    top, _ = select_columns(mass.clone(), LAYOUT, 0.05, 0.0)
+    columns, counts = select_columns(mass.clone(), LAYOUT, 0.05, 0.2, torch.Generator().manual_seed(0))
     assert columns.shape[-1] == top.shape[-1] + 45 and (counts > top.shape[-1]).all()
     for group, count in zip(columns.flatten(0, 2), counts.flatten()):
         listed = group[:count]

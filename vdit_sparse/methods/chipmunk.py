@@ -62,6 +62,9 @@ from .block_sparse import BACKENDS, resolve_backend
 
 __all__ = ["ChipmunkMethod", "ChipmunkParams", "select_columns"]
 
+#: Bytes of column mass computed at once on a dense step (heads are taken a few at a time to stay under it).
+MASS_CHUNK_BYTES = 2**30
+
 
 @dataclass
 class ChipmunkParams:
@@ -118,13 +121,14 @@ def select_columns(mass: torch.Tensor, layout: TokenLayout, top_k: float, random
                    generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """int32 ``(B, H, G, K)`` columns and ``(B, H, G)`` counts: every text key, the ``top_k`` share of keys with
     the most mass, and up to a ``random_fraction`` share more, drawn at random (a draw of a column already
-    listed is dropped).  Each group's listed columns ascend; entries past its count are ``S``."""
+    listed is dropped).  Each group's listed columns ascend; entries past its count are ``S``.  ``mass`` is
+    overwritten (its text columns)."""
     seq_len = mass.shape[-1]
     text = layout.is_text(mass.device)
     num_top = min(math.ceil(top_k * seq_len), seq_len - layout.text_length)
     num_random = min(math.ceil(random_fraction * seq_len), seq_len - layout.text_length - num_top)
-    ranked = mass.masked_fill(text, float("inf"))  # text first, then the heaviest columns
-    chosen = ranked.topk(layout.text_length + num_top, dim=-1).indices
+    mass[..., text] = float("inf")  # text first, then the heaviest columns (in place: the mass is large)
+    chosen = mass.topk(layout.text_length + num_top, dim=-1).indices
     if num_random > 0:
         drawn = torch.randint(seq_len, (*mass.shape[:-1], num_random), generator=generator, device=mass.device)
         chosen = torch.cat([chosen, drawn], dim=-1).sort(dim=-1).values
@@ -186,6 +190,7 @@ class ChipmunkMethod(AttentionMethod):
         seq_len, num_video = layout.seq_len, video_rows.numel()
         if self.is_dense_step(call.step) or state.get("shape") != q_video.shape:
             ranking, ranking_size = _ranking_rows(num_video, group_size, self.params.mass_rows, q.device)
+            picks = video_rows[ranking] if ranking is not None else video_rows
             if backend == "triton":  # the dense pass gives each row's lse, from which one kernel sums the mass
                 from ..kernels.block_sparse_attention import block_sparse_attention, default_block_sizes
                 from ..kernels.column_mass import column_mass
@@ -195,16 +200,25 @@ class ChipmunkMethod(AttentionMethod):
                 plan = dense_plan(seq_len, q.shape[1], block_m, block_n, q.device)
                 out, lse = block_sparse_attention(q, k, v, plan.kv_block_indices, plan.kv_block_counts, block_m=block_m,
                                                   block_n=block_n, key_padding_mask=padding, return_lse=True)
-                picks = video_rows[ranking] if ranking is not None else video_rows
-                mass = column_mass(q[:, :, picks], k, lse[:, :, picks], ranking_size, key_padding_mask=padding)
+
+                def mass_of(heads):
+                    return column_mass(q[:, heads][:, :, picks], k[:, heads], lse[:, heads][:, :, picks], ranking_size,
+                                       key_padding_mask=padding)
             else:
                 from ..kernels.reference import column_mass_reference
 
                 out = _attention(q, k, v, padding)
-                picks = q_video[:, :, ranking] if ranking is not None else q_video
-                mass = column_mass_reference(picks, k, ranking_size, padding)
+
+                def mass_of(heads):
+                    return column_mass_reference(q[:, heads][:, :, picks], k[:, heads], ranking_size, padding)
+            # The mass is (B, h, groups, S) float32: a few heads at a time bound it (and the selection's temporaries).
+            groups = -(-picks.numel() // ranking_size)
+            chunk = max(1, MASS_CHUNK_BYTES // (q.shape[0] * groups * seq_len * 4))
             generator = torch.Generator(q.device).manual_seed(call.layer_index * 1000 + call.step.step_index)
-            columns, counts = select_columns(mass, layout, self.params.top_k, self.params.random_fraction, generator)
+            parts = [select_columns(mass_of(slice(h, h + chunk)), layout, self.params.top_k, self.params.random_fraction,
+                                    generator) for h in range(0, q.shape[1], chunk)]
+            columns = torch.cat([c for c, _ in parts], dim=1) if len(parts) > 1 else parts[0][0]
+            counts = torch.cat([n for _, n in parts], dim=1) if len(parts) > 1 else parts[0][1]
             selected = self._selected(q_video, k, v, columns, counts, group_size, padding, backend)
             o_cache = out[:, :, video_rows] - selected
             state.update(shape=q_video.shape, counts=counts)
