@@ -344,7 +344,9 @@ def main():
                 "params": {"density": density, "head_kind": head_kind, "reprofile_every": 1}}
 
     configs: dict[str, dict] = {}
+    results["configs"] = configs
     outputs: dict[str, list] = {}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     with torch.no_grad(), sdpa:
         for compiled in (False, True):
             mode = "compiled" if compiled else "eager"
@@ -391,11 +393,11 @@ def main():
                 configs[prefix + name] = row
                 if name.endswith("-cpu"):  # the same forwards with the caches on the GPU came just before
                     row["output_equals_gpu_cache"] = torch.equal(outputs[name[: -len("-cpu")]][0], kept[0])
+                args.out.write_text(json.dumps(results, indent=2) + "\n")  # the rows so far survive a time limit
                 print(f"{prefix + name}: {row['step_s']:.3f} s" + "".join(
                     f", {key} {row[key]}" for key in ("first_call_s", "recompiled_after_first_call", "computed_fraction",
                                                        "host_syncs_in_forward") if key in row
                 ))
-    results["configs"] = configs
     for name, row in configs.items():
         if "dense" in configs and name != "dense":
             row["speedup_over_eager_dense"] = configs["dense"]["step_s"] / row["step_s"]
@@ -441,7 +443,6 @@ def main():
                     **({"speedup_over_eager_dense": args.steps * eager_dense / total} if prefix and eager_dense else {}),
                 }
     print(json.dumps({k: results[k] for k in ("classification_and_layout", "composed") if k in results}, indent=2))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {args.out}")
 

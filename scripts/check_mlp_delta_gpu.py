@@ -67,8 +67,10 @@ def check(name: str, share: float, repeats: int) -> dict:
     checked = CHECKED_TOKENS // BLOCK  # the errors are measured on the first blocks (the float64 reference is large)
 
     def run(kernel: bool, dtype):
-        cast = [t.to(dtype) for t in (x[:, :CHECKED_TOKENS], w_up, b_up, w_down_t, activation[:, :checked],
-                                      out[:, :CHECKED_TOKENS])]
+        # copies: the kernels update the cache and the output in place, and .to() of a bf16 tensor to bf16 is the
+        # tensor itself
+        cast = [t.to(dtype, copy=True) for t in (x[:, :CHECKED_TOKENS], w_up, b_up, w_down_t, activation[:, :checked],
+                                                 out[:, :CHECKED_TOKENS])]
         up, down = (mlp_delta_up, mlp_delta_down) if kernel else (mlp_delta_up_reference, mlp_delta_down_reference)
         delta = up(cast[0], cast[1], cast[2], units[:, :checked].contiguous(), cast[4], "tanh")
         down(delta, cast[3], units[:, :checked].contiguous(), cast[5])
