@@ -43,8 +43,10 @@ class AttentionMethod:
        term, say) and read or fill ``call.state``.
 
     A method with ``uses_feed_forward = True`` also computes the
-    feed-forwards of its layers (:meth:`feed_forward`), on the sites whose
-    adapter names one module for the whole feed-forward.
+    feed-forwards of its layers (:meth:`feed_forward`), at every site its
+    adapter names (a feed-forward module, or the parts of one its block
+    inlines).  :meth:`needs_step` tells the profile's step caching which
+    steps the method must see.
 
     State kept across steps lives in ``call.state`` (one dict per layer, call
     kind and head group, dropped when the pipeline call ends), never on the
@@ -91,7 +93,8 @@ class AttentionMethod:
 
     def feed_forward(self, site, x: torch.Tensor, call: FeedForwardCall) -> torch.Tensor | None:
         """The output of feed-forward ``site`` (a :class:`~vdit_sparse.pipelines.base.FeedForwardSite`)
-        for input ``x``, or None to let the model compute it."""
+        for input ``x`` (what :meth:`FeedForwardSite.down_out` gives for its activation), or None to let the
+        model compute it."""
         return None
 
 
