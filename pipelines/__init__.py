@@ -5,16 +5,23 @@ from __future__ import annotations
 from .base import PipelineAdapter
 from .cogvideox import CogVideoXAdapter
 from .hunyuan_video import HunyuanVideoAdapter
+from .hunyuan_video15 import HunyuanVideo15Adapter
+from .wan import WanAdapter
 
-__all__ = ["PipelineAdapter", "CogVideoXAdapter", "HunyuanVideoAdapter", "ADAPTERS", "find_adapter"]
+__all__ = [
+    "PipelineAdapter", "CogVideoXAdapter", "HunyuanVideoAdapter", "HunyuanVideo15Adapter", "WanAdapter", "ADAPTERS",
+    "find_adapter",
+]
 
-ADAPTERS: tuple[PipelineAdapter, ...] = (CogVideoXAdapter(), HunyuanVideoAdapter())
+ADAPTERS: tuple[PipelineAdapter, ...] = (CogVideoXAdapter(), HunyuanVideoAdapter(), HunyuanVideo15Adapter(), WanAdapter())
 
 
 def find_adapter(pipe) -> PipelineAdapter:
     """The adapter for ``pipe``, chosen by its pipeline and transformer classes."""
     pipeline_name = type(pipe).__name__
     transformer = getattr(pipe, "transformer", None)
+    if transformer is None:  # a Wan 2.2 pipeline may hold only its second expert
+        transformer = getattr(pipe, "transformer_2", None)
     transformer_name = type(transformer).__name__
     for adapter in ADAPTERS:
         if pipeline_name in adapter.pipeline_class_names or transformer_name in adapter.transformer_class_names:

@@ -10,6 +10,7 @@ hands the call to the model's original processor unchanged.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Protocol
@@ -124,13 +125,32 @@ class PipelineAdapter:
     pipeline_class_names: ClassVar[tuple[str, ...]]
     transformer_class_names: ClassVar[tuple[str, ...]]
 
+    def transformers(self, pipe: Any) -> list[torch.nn.Module]:
+        """The pipeline's transformers a handle takes over, in layer order (Wan 2.2 has two experts)."""
+        return [pipe.transformer]
+
     def attention_modules(self, transformer: torch.nn.Module) -> list[torch.nn.Module]:
-        """The self-attention modules to take over, in layer order (list index = layer index)."""
+        """The self-attention modules of one transformer to take over, in its layer order."""
         raise NotImplementedError
 
+    def attention_layers(self, pipe: Any) -> list[torch.nn.Module]:
+        """The self-attention modules of all the pipeline's transformers: list index = layer index."""
+        return [module for transformer in self.transformers(pipe) for module in self.attention_modules(transformer)]
+
     def feed_forward_sites(self, transformer: torch.nn.Module) -> list[FeedForwardSite]:
-        """Every block's feed-forward, in layer order (a block may have two: video and text)."""
+        """Every block's feed-forward of one transformer, in its layer order (a block may have two: video and
+        text)."""
         raise NotImplementedError
+
+    def all_feed_forward_sites(self, pipe: Any) -> list[FeedForwardSite]:
+        """The feed-forward sites of all the pipeline's transformers, with layer indices as
+        :meth:`attention_layers` numbers them."""
+        sites, offset = [], 0
+        for transformer in self.transformers(pipe):
+            sites += [dataclasses.replace(site, layer_index=site.layer_index + offset)
+                      for site in self.feed_forward_sites(transformer)]
+            offset += len(self.attention_modules(transformer))
+        return sites
 
     def blocks(self, transformer: torch.nn.Module) -> list[torch.nn.Module]:
         """The transformer block that holds each attention module, in layer order.
@@ -173,8 +193,8 @@ class PipelineAdapter:
     def make_processor(self, original: Any, layer_index: int, dispatcher: Dispatcher) -> Any:
         raise NotImplementedError
 
-    def default_profile(self, transformer: torch.nn.Module) -> str:
-        """The built-in profile for this model (what the command line uses when no profile is given)."""
+    def default_profile(self, pipe: Any) -> str:
+        """The built-in profile for this pipeline's model (what the command line uses when no profile is given)."""
         raise NotImplementedError
 
     def decode_latents(self, pipe: Any, latents: torch.Tensor, call_args: dict[str, Any]) -> torch.Tensor:

@@ -45,8 +45,8 @@ class CogVideoXAdapter(PipelineAdapter):
     def make_processor(self, original, layer_index, dispatcher):
         return CogVideoXSparseProcessor(original, layer_index, dispatcher)
 
-    def default_profile(self, transformer):
-        config = transformer.config
+    def default_profile(self, pipe):
+        config = pipe.transformer.config
         if config.patch_size_t is not None:
             return "cogvideox1.5-5b"
         return "cogvideox-5b" if config.use_rotary_positional_embeddings else "cogvideox-2b"

@@ -54,7 +54,7 @@ class HunyuanVideoAdapter(PipelineAdapter):
     def make_processor(self, original, layer_index, dispatcher):
         return HunyuanVideoSparseProcessor(original, layer_index, dispatcher)
 
-    def default_profile(self, transformer):
+    def default_profile(self, pipe):
         return "hunyuan-video"
 
     def decode_latents(self, pipe, latents, call_args):

@@ -78,8 +78,20 @@ CONFIGS = ("dense", "floor", "floor-qk", "svg", "svg-spatial", "chipmunk")
 SKIP_STEPS = [7, 11, 13, 14, 15, 17, 18, 19, 21, 22, 23, 25, 26, 27, 29, 31, 33, 34, 35, 37, 38, 39, 41, 42, 43]
 REFRESH_STEPS = [0, 1, 10, 40]  # Chipmunk's default dense steps
 # Latent inputs per model: 49 frames at 480x720 -> 13 x 60 x 90 latents, B = 2 (batched CFG);
-# 129 frames at 720x1280 -> 33 x 90 x 160 latents, B = 1.
-SHAPES = {"cogvideox-5b": dict(frames=13, height=60, width=90), "hunyuan-video": dict(frames=33, height=90, width=160)}
+# 129 frames at 720x1280 -> 33 x 90 x 160 latents, B = 1; Wan and HunyuanVideo 1.5 call the transformer once per
+# CFG branch, B = 1.
+# Wan 2.1 (Wan-AI/Wan2.1-T2V-14B / -1.3B-Diffusers, transformer/config.json): the rest are the class defaults.
+WAN_14B = dict(num_attention_heads=40, ffn_dim=13824, num_layers=40)
+WAN_1_3B = dict(num_attention_heads=12, ffn_dim=8960, num_layers=30)
+SHAPES = {
+    "cogvideox-5b": dict(frames=13, height=60, width=90),
+    "hunyuan-video": dict(frames=33, height=90, width=160),
+    # 81 frames: 21 latent frames; 720x1280 and 480x832 over the VAE's 8x (then 2x2 patches)
+    "wan2.1-14b": dict(frames=21, height=90, width=160),
+    "wan2.1-1.3b": dict(frames=21, height=60, width=104),
+    # 121 frames at 720x1280 over the VAE's 4x time and 16x space (1x1 patches)
+    "hunyuan-video-1.5": dict(frames=31, height=45, width=80),
+}
 
 
 def parse_args():
@@ -137,7 +149,7 @@ def build(args):
         )
         scheduler = CogVideoXDPMScheduler(timestep_spacing="trailing")
         batch = 2
-    else:
+    elif args.model == "hunyuan-video":
         from diffusers import FlowMatchEulerDiscreteScheduler, HunyuanVideoTransformer3DModel
 
         layers = {} if args.layers is None else {"num_layers": args.layers, "num_single_layers": 2 * args.layers}
@@ -153,6 +165,43 @@ def build(args):
             encoder_attention_mask=mask,
             pooled_projections=randn(1, config.pooled_projection_dim),
             guidance=torch.tensor([6000.0], device=device, dtype=dtype),
+        )
+        scheduler = FlowMatchEulerDiscreteScheduler(shift=7.0)
+        batch = 1
+    elif args.model.startswith("wan"):
+        from diffusers import FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
+
+        config = dict(WAN_14B if args.model == "wan2.1-14b" else WAN_1_3B)
+        if args.layers:
+            config["num_layers"] = args.layers
+        with device:
+            model = WanTransformer3DModel(**config).to(dtype).eval()
+        inputs = dict(
+            hidden_states=randn(1, model.config.in_channels, shape["frames"], shape["height"], shape["width"]),
+            encoder_hidden_states=randn(1, 512, model.config.text_dim),  # the pipeline pads the prompt to 512
+        )
+        scheduler = FlowMatchEulerDiscreteScheduler(shift=5.0)
+        batch = 1
+    else:  # HunyuanVideo 1.5, text-to-video (image tokens present and masked, as its pipeline passes them)
+        from diffusers import FlowMatchEulerDiscreteScheduler, HunyuanVideo15Transformer3DModel
+
+        with device:
+            model = HunyuanVideo15Transformer3DModel(**({"num_layers": args.layers} if args.layers else {}))
+            model = model.to(dtype).eval()
+        config = model.config
+
+        def text_mask(length, real):
+            mask = torch.zeros(1, length, dtype=torch.bool, device=device)
+            mask[:, :real] = True
+            return mask
+
+        inputs = dict(
+            hidden_states=randn(1, config.in_channels, shape["frames"], shape["height"], shape["width"]),
+            encoder_hidden_states=randn(1, 1000, config.text_embed_dim),
+            encoder_attention_mask=text_mask(1000, 60),
+            encoder_hidden_states_2=randn(1, 256, config.text_embed_2_dim),
+            encoder_attention_mask_2=text_mask(256, 20),
+            image_embeds=torch.zeros(1, 729, config.image_embed_dim, device=device, dtype=dtype),
         )
         scheduler = FlowMatchEulerDiscreteScheduler(shift=7.0)
         batch = 1
@@ -235,7 +284,7 @@ def op_table(model, inputs, pipe, batch, step) -> dict[str, float]:
 
 @contextlib.contextmanager
 def attention_replaced(keep_queries_and_keys: bool = False):
-    """SDPA returns a copy of v: the step without attention (the processors call it at call time).
+    """Self-attention's SDPA returns a copy of v: the step without it (the processors call SDPA at call time).
 
     Compiled, a copy of v leaves q and k unused, and inductor drops their
     projections, norms and rotary embedding: a floor lower than any attention
@@ -246,6 +295,8 @@ def attention_replaced(keep_queries_and_keys: bool = False):
 
     def copy_of_value(*args, **kwargs):  # diffusers passes query=, key=, value= by name
         q, k, v = (kwargs[name] if name in kwargs else args[i] for i, name in enumerate(("query", "key", "value")))
+        if q.shape[-2] != k.shape[-2]:  # cross-attention (Wan's text) is not what sparse methods replace: it stays
+            return original(*args, **kwargs)
         return v + 1e-30 * (q + k) if keep_queries_and_keys else v.clone()
 
     torch.nn.functional.scaled_dot_product_attention = copy_of_value
@@ -403,6 +454,9 @@ def main():
             row["speedup_over_eager_dense"] = configs["dense"]["step_s"] / row["step_s"]
         if "compiled-dense" in configs and name.startswith("compiled-") and name != "compiled-dense":
             row["speedup_over_compiled_dense"] = configs["compiled-dense"]["step_s"] / row["step_s"]
+    if "dense" in configs and "floor" in configs:  # what attention costs of a step, and the most sparsity can give
+        dense, floor = configs["dense"]["step_s"], configs["floor"]["step_s"]
+        results["attention_share"] = {"of_dense_step": 1 - floor / dense, "speedup_cap": dense / floor}
     headline = f"svg-{args.densities[0]}"
     if headline in configs and f"{headline}-spatial" in configs:
         classified, forced = configs[headline]["step_s"], configs[f"{headline}-spatial"]["step_s"]

@@ -12,15 +12,24 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from vdit_sparse.embedded import DEMO_CALL_ARGS, build_embedded_pipeline
+from vdit_sparse.embedded import build_embedded_pipeline, demo_call_args
 
 PROMPT = "a red ball moves right over a blue background"
 
 
+def embedded_kind(pipe) -> tuple[str, str | None]:
+    """(family, the variant where the call arguments depend on it) of an embedded pipeline."""
+    name = type(pipe).__name__
+    if name.startswith("Hunyuan"):
+        return "hunyuan-video", None
+    if name == "WanImageToVideoPipeline":
+        return "wan", "2.1-i2v" if pipe.image_encoder is not None else "2.2-i2v"
+    return ("wan" if name.startswith("Wan") else "cogvideox"), None
+
+
 def run_pipeline(pipe, seed: int = 0, **overrides) -> torch.Tensor:
     """Final latents of one seeded pipeline call at the family's demo size (fp32)."""
-    family = "hunyuan-video" if type(pipe).__name__.startswith("Hunyuan") else "cogvideox"
-    call = {**DEMO_CALL_ARGS[family], **overrides}
+    call = {**demo_call_args(*embedded_kind(pipe)), **overrides}
     generator = torch.Generator().manual_seed(seed)
     return pipe(prompt=PROMPT, generator=generator, output_type="latent", **call).frames
 

@@ -251,6 +251,11 @@ class _InlinedDownHook(_InlinedUpHook):
         return self.inlined.down(x, self.fn_ref.original_forward)
 
 
+def _shapes(output) -> list:
+    """The shapes of a block's output: one tensor (Wan) or a tuple of them."""
+    return [output.shape] if torch.is_tensor(output) else [t.shape for t in output]
+
+
 class _StepCacheHook(ModelHook):
     """One transformer block under step caching: on a skipped step the first block returns the block stack's
     output of the last computed step and the others return what they receive; the last block keeps its output
@@ -282,13 +287,15 @@ class AccelerationHandle:
         """``layers`` replaces the routing the profile gives (the offline search routes every layer to itself);
         the profile still sets the dense warm-up."""
         self.pipe = pipe
-        self.transformer = pipe.transformer
+        #: The transformers the handle covers (Wan 2.2's two experts; one elsewhere). Layers are numbered over
+        #: them in this order.
+        self.transformers = adapter.transformers(pipe)
         self.adapter = adapter
         self.profile = profile
         self.stats = RunStats()
-        self._modules = adapter.attention_modules(self.transformer)
+        self._modules = adapter.attention_layers(pipe)
         self.num_layers = len(self._modules)
-        self.num_heads = adapter.num_heads(self.transformer)
+        self.num_heads = adapter.num_heads(self.transformers[0])
         self._tracker = StepTracker(pipe)
         self._step: StepContext | None = None
         self.state = StateStore()
@@ -296,22 +303,26 @@ class AccelerationHandle:
         # Feed-forward sites whose layer has a method that computes them: (module, method).
         self._feed_forwards = []
         if any(g.method.uses_feed_forward for layer in self._layers for g in layer.groups):
-            for site in adapter.feed_forward_sites(self.transformer):
+            for site in adapter.all_feed_forward_sites(pipe):
                 owner = next((g.method for g in self._layers[site.layer_index].groups if g.method.uses_feed_forward), None)
                 if owner is not None:
                     self._feed_forwards.append((site, owner))
-        # Step caching: the transformer blocks, in order, when the profile skips steps.
-        self._blocks: list[torch.nn.Module] = []
+        # Step caching: each transformer's blocks, in order, when the profile skips steps.
+        self._blocks: list[list[torch.nn.Module]] = []
         if profile.profile.step_cache is not None and profile.profile.step_cache.skip_steps:
-            for block in adapter.blocks(self.transformer):
-                if all(block is not seen for seen in self._blocks):
-                    self._blocks.append(block)
+            for transformer in self.transformers:
+                blocks: list[torch.nn.Module] = []
+                for block in adapter.blocks(transformer):
+                    if all(block is not seen for seen in blocks):
+                        blocks.append(block)
+                self._blocks.append(blocks)
         self._skipping = False  # whether the current forward reuses the last computed step's output
+        self._forward_layers = 0  # attention layers of the transformer the current forward runs
         # (module, our processor, the processor it replaced), per layer
         self._installed: list[tuple[torch.nn.Module, Any, Any]] = []
         # modules we gave a diffusers hook registry of their own (dropped again by remove())
         self._registries: list[torch.nn.Module] = []
-        self._forward_hook: Any = None
+        self._forward_hooks: list[Any] = []
         self._hooked: list[tuple[torch.nn.Module, str]] = []
         self._removed = False
 
@@ -337,11 +348,11 @@ class AccelerationHandle:
             routing = self.adapter.make_processor(module.processor, layer, self)
             self._installed.append((module, routing, module.processor))
             module.set_processor(routing)
-        # The step context comes from a PyTorch forward pre-hook on the transformer, not from a
+        # The step context comes from a PyTorch forward pre-hook on each transformer, not from a
         # wrapper around its forward: diffusers' CPU offload removes and re-installs its own
         # forward wrappers after every call, which would drop ours, and a wrapper of ours removed
         # later would drop theirs.
-        self._forward_hook = self.transformer.register_forward_pre_hook(self._on_forward, with_kwargs=True)
+        self._forward_hooks = [t.register_forward_pre_hook(self._on_forward, with_kwargs=True) for t in self.transformers]
         # The end-of-call reset reaches every diffusers hook registry under the transformer; ours
         # sits on the first attention module, whose forward no offload wrapper touches.
         self._register(self._modules[0], _RunEndHook(self), _RUN_END_HOOK)
@@ -353,10 +364,12 @@ class AccelerationHandle:
                 self._register(site.up, _InlinedUpHook(inlined), _FEED_FORWARD_HOOK)
                 self._register(site.activation, _InlinedActivationHook(inlined), _FEED_FORWARD_HOOK)
                 self._register(site.down, _InlinedDownHook(inlined), _FEED_FORWARD_HOOK)
-        for index, block in enumerate(self._blocks):
-            hook = _StepCacheHook(self, first=index == 0, last=index == len(self._blocks) - 1)
-            self._register(block, hook, _STEP_CACHE_HOOK)
-        setattr(self.transformer, _HANDLE_ATTR, self)
+        for blocks in self._blocks:
+            for index, block in enumerate(blocks):
+                hook = _StepCacheHook(self, first=index == 0, last=index == len(blocks) - 1)
+                self._register(block, hook, _STEP_CACHE_HOOK)
+        for transformer in self.transformers:
+            setattr(transformer, _HANDLE_ATTR, self)
 
     def _register(self, module: torch.nn.Module, hook: ModelHook, name: str) -> None:
         if not hasattr(module, "_diffusers_hook"):
@@ -375,13 +388,15 @@ class AccelerationHandle:
         for module, routing, original in self._installed:
             if module.processor is routing:
                 module.set_processor(original)
-        self._forward_hook.remove()
+        for hook in self._forward_hooks:
+            hook.remove()
         for module, name in self._hooked:
             _remove_registry_hook(module._diffusers_hook, name)
         for module in self._registries:  # registries we created, now empty
             if not module._diffusers_hook.hooks:
                 del module._diffusers_hook
-        delattr(self.transformer, _HANDLE_ATTR)
+        for transformer in self.transformers:
+            delattr(transformer, _HANDLE_ATTR)
         self._end_run()
         self._removed = True
 
@@ -433,6 +448,7 @@ class AccelerationHandle:
             self.state.new_run()
         else:
             self.state.update_peak()  # what the last forward left
+        self._forward_layers = len(self.adapter.attention_modules(transformer))
         warmup = step < self.profile.dense_warmup_steps(num_steps)
         self._step = StepContext(step, num_steps, self._tracker.timestep_value, call_kind, layout, warmup)
         self._skipping = bool(self._blocks) and step in self.profile.skip_steps(num_steps) and not any(
@@ -451,19 +467,19 @@ class AccelerationHandle:
         if not first:
             return passthrough
         kept = self.state.slot(("step_cache", step.call_kind)).get("output")
-        if kept is None or [t.shape for t in kept] != [t.shape for t in passthrough]:
+        if kept is None or _shapes(kept) != _shapes(passthrough):
             self._skipping = False  # nothing computed before at this shape: compute this step
             return None
-        batch = passthrough[0].shape[0]
-        for _ in range(self.num_layers):
+        batch = _shapes(passthrough)[0][0]
+        for _ in range(self._forward_layers):
             self.stats.record("step_cache", 0.0, batch * self.num_heads, step.layout.seq_len)
-        return tuple(kept)
+        return kept
 
     @torch.compiler.disable
     def _keep_block_output(self, output) -> None:
         step = self._step
         if step is not None and not self._removed:
-            self.state.slot(("step_cache", step.call_kind))["output"] = tuple(output)
+            self.state.slot(("step_cache", step.call_kind))["output"] = output  # a tensor or a tuple of them
 
     def _end_run(self) -> None:
         self.state.update_peak()
@@ -525,20 +541,20 @@ def accelerate_pipeline(pipe: Any, profile: Union[str, Path, Profile, dict, Reso
     handle's ``with`` block) restores the pipeline exactly.  Call it before
     ``torch.compile``; apply at most one profile at a time.
     """
-    transformer = getattr(pipe, "transformer", None)
-    if transformer is None:
+    if getattr(pipe, "transformer", None) is None and getattr(pipe, "transformer_2", None) is None:
         raise TypeError(f"{type(pipe).__name__} has no `transformer`; vdit-sparse accelerates DiT video pipelines")
-    if _is_compiled(transformer):
-        raise RuntimeError(
-            "the pipeline's transformer is already wrapped by torch.compile; call accelerate_pipeline "
-            "before torch.compile (compile the accelerated transformer afterwards)"
-        )
-    existing = getattr(transformer, _HANDLE_ATTR, None)
-    if existing is not None:
-        raise RuntimeError(
-            f"vdit-sparse has already been applied to this pipeline (profile '{existing.profile.name}'); "
-            "call handle.remove() first"
-        )
+    for transformer in find_adapter(pipe).transformers(pipe):
+        if _is_compiled(transformer):
+            raise RuntimeError(
+                "the pipeline's transformer is already wrapped by torch.compile; call accelerate_pipeline "
+                "before torch.compile (compile the accelerated transformer afterwards)"
+            )
+        existing = getattr(transformer, _HANDLE_ATTR, None)
+        if existing is not None:
+            raise RuntimeError(
+                f"vdit-sparse has already been applied to this pipeline (profile '{existing.profile.name}'); "
+                "call handle.remove() first"
+            )
     handle = AccelerationHandle(pipe, find_adapter(pipe), check_profile(pipe, profile))
     handle._install()
     return handle
@@ -555,6 +571,5 @@ def check_profile(pipe: Any, profile: Union[str, Path, Profile, dict, ResolvedPr
     """
     adapter = find_adapter(pipe)
     resolved = load_profile(profile)
-    transformer = pipe.transformer
-    resolved.check_model(adapter.family, len(adapter.attention_modules(transformer)), adapter.num_heads(transformer))
+    resolved.check_model(adapter.family, len(adapter.attention_layers(pipe)), adapter.num_heads(adapter.transformers(pipe)[0]))
     return resolved

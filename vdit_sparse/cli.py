@@ -262,7 +262,7 @@ def _cmd_generate(args) -> int:
     profile = load_profile(args.profile) if args.profile is not None else None
     pipe = _load_pipeline(args.model, dtype_name, device)
     if profile is None:
-        profile = find_adapter(pipe).default_profile(pipe.transformer)
+        profile = find_adapter(pipe).default_profile(pipe)
     (profile,) = _check_profiles(pipe, [profile])
 
     report: dict = {
@@ -429,7 +429,7 @@ def _cmd_inspect(args) -> int:
         from .pipelines import find_adapter
 
         adapter = find_adapter(pipe)
-        layers, heads = len(adapter.attention_modules(pipe.transformer)), adapter.num_heads(pipe.transformer)
+        layers, heads = len(adapter.attention_layers(pipe)), adapter.num_heads(adapter.transformers(pipe)[0])
     if layers is None or heads is None:
         raise UsageError(
             f"profile '{profile.name}' does not state its layer and head counts (model.num_layers, model.num_heads); "

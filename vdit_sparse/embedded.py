@@ -26,7 +26,16 @@ family         VAE space VAE time   patch (t,h,w) text       text position
 cogvideox      2x        2x         (1, 2, 2)    16 tokens  prefix [text | video]
 cogvideox-1.5  2x        2x         (2, 2, 2)    16 tokens  prefix [text | video]
 hunyuan-video  2x        4x         (1, 2, 2)    16 tokens  suffix [video | text]
+wan            2x        2x         (1, 2, 2)    16 tokens  none (cross-attention)
 ============== ========= ========== ============ ========== =====================
+
+Wan comes as ``"2.1"`` and ``"2.2"`` (``WanPipeline``; 2.2 with its two
+experts ``transformer`` and ``transformer_2`` switched at ``boundary_ratio``,
+both called in the 4 demo steps) and as ``"2.1-i2v"`` and ``"2.2-i2v"``
+(``WanImageToVideoPipeline``; 2.1 with a CLIP image encoder whose 5 tokens go
+to cross-attention, 2.2 without one, two experts).  Image-to-video conditions
+on channels (the transformer takes 10 channels instead of 4) and needs
+``num_frames = 4 * k + 1`` (the Wan VAE encodes frames in chunks of 4).
 
 The text length is the ``max_sequence_length`` call argument (both pipelines
 pad the prompt to it); :data:`EMBEDDED_TEXT_LEN` is the value
@@ -57,6 +66,8 @@ __all__ = [
     "EMBEDDED_MODEL_IDS",
     "REFERENCE_MODEL_ID",
     "call_args_for",
+    "demo_call_args",
+    "demo_image",
     "EMBEDDED_TEXT_LEN",
     "build_embedded_pipeline",
     "build_tokenizer",
@@ -70,6 +81,7 @@ EMBEDDED_FAMILIES: dict[str, tuple[str, ...]] = {
     # family -> variants; the first is the default
     "cogvideox": ("5b", "2b", "1.5"),
     "hunyuan-video": ("t2v",),
+    "wan": ("2.1", "2.2", "2.1-i2v", "2.2-i2v"),
 }
 
 EMBEDDED_MODEL_IDS: Mapping[str, tuple[str, str]] = MappingProxyType(
@@ -79,6 +91,10 @@ EMBEDDED_MODEL_IDS: Mapping[str, tuple[str, str]] = MappingProxyType(
         "embedded:cogvideox-2b": ("cogvideox", "2b"),
         "embedded:cogvideox-1.5": ("cogvideox", "1.5"),
         "embedded:hunyuan-video": ("hunyuan-video", "t2v"),
+        "embedded:wan2.1": ("wan", "2.1"),
+        "embedded:wan2.2": ("wan", "2.2"),
+        "embedded:wan2.1-i2v": ("wan", "2.1-i2v"),
+        "embedded:wan2.2-i2v": ("wan", "2.2-i2v"),
     }
 )
 """Model names :func:`load_pipeline` resolves to an embedded pipeline: name -> (family, variant)."""
@@ -107,9 +123,33 @@ DEMO_CALL_ARGS: Mapping[str, Mapping[str, object]] = MappingProxyType(
                 "max_sequence_length": EMBEDDED_TEXT_LEN,
             }
         ),
+        # 5 latent frames of 8 x 8 tokens; guidance > 1: a conditional and an unconditional call each step
+        "wan": MappingProxyType(
+            {
+                "height": 32,
+                "width": 32,
+                "num_frames": 9,
+                "num_inference_steps": 4,
+                "guidance_scale": 5.0,
+                "max_sequence_length": EMBEDDED_TEXT_LEN,
+            }
+        ),
     }
 )
-"""Recommended ``pipe(...)`` keyword arguments per family (pass a prompt and a generator too)."""
+"""Recommended ``pipe(...)`` keyword arguments per family (pass a prompt and a generator too; the image-to-video
+variants take more: :func:`demo_call_args`)."""
+
+
+def demo_call_args(family: str, variant: str | None = None) -> dict:
+    """:data:`DEMO_CALL_ARGS` of ``family`` with what ``variant`` needs besides: the image-to-video variants an
+    ``image`` (:func:`demo_image`), and Wan 2.1's image-to-video 512 text tokens (its attention processor splits
+    the image tokens from the text by that hard-coded length)."""
+    args = dict(DEMO_CALL_ARGS[family])
+    if variant is not None and variant.endswith("i2v"):
+        args["image"] = demo_image(args["height"])
+        if (family, variant) == ("wan", "2.1-i2v"):
+            args["max_sequence_length"] = _WAN_I2V_TEXT_LEN
+    return args
 
 # Words a simple video prompt uses, plus the words of HunyuanVideo's default
 # prompt template, so that neither turns into a run of <unk>. Treat the list as
@@ -428,7 +468,187 @@ def _build_hunyuan_video(variant: str, seed: int):
     )
 
 
-_BUILDERS = {"cogvideox": _build_cogvideox, "hunyuan-video": _build_hunyuan_video}
+# --- Wan 2.1 / 2.2 ----------------------------------------------------------------------------
+
+# Wan 2.1 I2V needs exactly 512 text tokens (see demo_call_args).
+_WAN_I2V_TEXT_LEN = 512
+
+# Tiny sizes shared by every variant.
+_WAN_Z_DIM = 4  # VAE latent channels (real: 16)
+_WAN_SPATIAL, _WAN_TEMPORAL = 2, 2  # VAE compression (real: 8, 4)
+_WAN_TEXT_DIM = 32  # UMT5 d_model = transformer text_dim (real: 4096)
+_WAN_IMAGE_DIM = 32  # CLIP vision hidden size = transformer image_dim (real: 1280)
+
+# Expert switch points: transformer (high noise) runs while t >= boundary_ratio * 1000.
+# Real values; with 4 UniPC steps at the flow shifts below both experts run (2 steps each).
+_WAN_BOUNDARY = {"2.2": 0.875, "2.2-i2v": 0.9}
+# Flow shifts of the real configs: Wan 2.1 at 480p and Wan 2.2 A14B T2V / I2V.
+_WAN_FLOW_SHIFT = {"2.1": 3.0, "2.1-i2v": 3.0, "2.2": 12.0, "2.2-i2v": 5.0}
+
+
+def demo_image(size: int = 32):
+    """A small deterministic RGB PIL image (a colour gradient with a square) for the I2V variants."""
+    import numpy as np
+    from PIL import Image
+
+    y, x = np.mgrid[0:size, 0:size]
+    rgb = np.stack([x * 255 // (size - 1), y * 255 // (size - 1), np.full_like(x, 96)], axis=-1)
+    q = size // 4
+    rgb[q : 2 * q, q : 2 * q] = (255, 255, 255)
+    return Image.fromarray(rgb.astype(np.uint8), mode="RGB")
+
+
+def _wan_text_encoder(tokenizer, seed: int):
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    config = UMT5Config(
+        vocab_size=len(tokenizer),
+        d_model=_WAN_TEXT_DIM,
+        d_kv=8,
+        d_ff=64,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=32,
+        feed_forward_proj="gated-gelu",
+        is_encoder_decoder=False,
+        use_cache=False,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.pad_token_id,
+    )
+    return _seeded(seed, 1, lambda: UMT5EncoderModel(config))
+
+
+def _wan_vae(seed: int):
+    from diffusers import AutoencoderKLWan
+
+    return _seeded(
+        seed,
+        2,
+        lambda: AutoencoderKLWan(
+            base_dim=8,
+            z_dim=_WAN_Z_DIM,
+            dim_mult=[1, 2],  # one down/up stage: 2x space
+            num_res_blocks=1,
+            attn_scales=[],
+            temperal_downsample=[True],  # ... and 2x time at that stage
+            # the pipelines read these two from the config; they must match the layout above
+            scale_factor_spatial=_WAN_SPATIAL,
+            scale_factor_temporal=_WAN_TEMPORAL,
+            # the first z_dim entries of the real Wan 2.1 VAE statistics
+            latents_mean=[-0.7571, -0.7089, -0.9113, 0.1075],
+            latents_std=[2.8184, 1.4541, 2.3275, 2.6558],
+        ),
+    )
+
+
+def _wan_transformer(seed: int, offset: int, in_channels: int, image_dim: int | None):
+    from diffusers import WanTransformer3DModel
+
+    return _seeded(
+        seed,
+        offset,
+        lambda: WanTransformer3DModel(
+            patch_size=(1, 2, 2),
+            num_attention_heads=4,
+            attention_head_dim=16,  # RoPE splits it t 8 + h 4 + w 4 (h = w = 2 * (16 // 6)), all even
+            in_channels=in_channels,
+            out_channels=_WAN_Z_DIM,
+            text_dim=_WAN_TEXT_DIM,
+            freq_dim=32,
+            ffn_dim=64,
+            num_layers=2,
+            cross_attn_norm=True,
+            qk_norm="rms_norm_across_heads",
+            eps=1e-6,
+            # Wan 2.1 I2V: CLIP features -> image_embedder (image_dim -> inner 64) -> attn2's add_k/add_v
+            image_dim=image_dim,
+            added_kv_proj_dim=None if image_dim is None else 4 * 16,
+            rope_max_seq_len=1024,
+        ),
+    )
+
+
+def _wan_image_encoder(seed: int):
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    try:  # the PIL one: without torchvision, newer transformers fall back to it with a warning
+        from transformers import CLIPImageProcessorPil as CLIPImageProcessor
+    except ImportError:
+        from transformers import CLIPImageProcessor
+
+    config = CLIPVisionConfig(
+        hidden_size=_WAN_IMAGE_DIM,
+        intermediate_size=64,
+        projection_dim=_WAN_IMAGE_DIM,
+        num_hidden_layers=2,  # the pipeline takes hidden_states[-2], i.e. layer 1's output
+        num_attention_heads=4,
+        image_size=32,
+        patch_size=16,  # (32 / 16)^2 + CLS = 5 image tokens (real: 257)
+        hidden_act="gelu",
+    )
+    image_encoder = _seeded(seed, 5, lambda: CLIPVisionModel(config))
+    # OpenAI CLIP preprocessing, at 32 px
+    image_processor = CLIPImageProcessor(
+        do_resize=True,
+        size={"shortest_edge": 32},
+        resample=3,  # bicubic
+        do_center_crop=True,
+        crop_size={"height": 32, "width": 32},
+        do_rescale=True,
+        rescale_factor=1 / 255,
+        do_normalize=True,
+        image_mean=[0.48145466, 0.4578275, 0.40821073],
+        image_std=[0.26862954, 0.26130258, 0.27577711],
+        do_convert_rgb=True,
+    )
+    return image_encoder, image_processor
+
+
+def _build_wan(variant: str, seed: int):
+    """``"2.1"`` / ``"2.2"``: ``WanPipeline`` with one or two experts; ``"2.1-i2v"`` / ``"2.2-i2v"``:
+    ``WanImageToVideoPipeline``, 2.1 with a CLIP image encoder feeding cross-attention, 2.2 without and with two
+    experts."""
+    from diffusers import UniPCMultistepScheduler, WanImageToVideoPipeline, WanPipeline
+
+    i2v = variant.endswith("-i2v")
+    two_experts = variant.startswith("2.2")
+
+    tokenizer = build_tokenizer("t5")  # stands in for UMT5's (pad 0, </s> 1 appended)
+    text_encoder = _wan_text_encoder(tokenizer, seed)
+    vae = _wan_vae(seed)
+
+    # I2V input = [noisy latents (z) | first-frame mask (TEMPORAL channels) | condition latents (z)]
+    in_channels = _WAN_Z_DIM + (_WAN_TEMPORAL + _WAN_Z_DIM if i2v else 0)
+    image_dim = _WAN_IMAGE_DIM if variant == "2.1-i2v" else None
+    transformer = _wan_transformer(seed, 3, in_channels, image_dim)
+    transformer_2 = _wan_transformer(seed, 4, in_channels, image_dim) if two_experts else None
+
+    # Wan's diffusers scheduler config: UniPC on flow-matching sigmas
+    scheduler = UniPCMultistepScheduler(
+        num_train_timesteps=1000,
+        prediction_type="flow_prediction",
+        use_flow_sigmas=True,
+        flow_shift=_WAN_FLOW_SHIFT[variant],
+    )
+    common = dict(
+        tokenizer=tokenizer,
+        text_encoder=text_encoder,
+        vae=vae,
+        scheduler=scheduler,
+        transformer=transformer,
+        transformer_2=transformer_2,
+        boundary_ratio=_WAN_BOUNDARY.get(variant),
+    )
+    if not i2v:
+        return WanPipeline(**common)
+
+    image_encoder, image_processor = _wan_image_encoder(seed) if variant == "2.1-i2v" else (None, None)
+    return WanImageToVideoPipeline(image_encoder=image_encoder, image_processor=image_processor, **common)
+
+
+_BUILDERS = {"cogvideox": _build_cogvideox, "hunyuan-video": _build_hunyuan_video, "wan": _build_wan}
 
 
 def build_embedded_pipeline(
@@ -442,11 +662,14 @@ def build_embedded_pipeline(
     """Build a small, deterministic diffusers video pipeline on the CPU.
 
     Args:
-        family: ``"cogvideox"`` (a ``CogVideoXPipeline``) or ``"hunyuan-video"``
-            (a ``HunyuanVideoPipeline``).
+        family: ``"cogvideox"`` (a ``CogVideoXPipeline``), ``"hunyuan-video"``
+            (a ``HunyuanVideoPipeline``) or ``"wan"`` (a ``WanPipeline`` or
+            ``WanImageToVideoPipeline``).
         variant: for ``"cogvideox"``: ``"5b"`` (RoPE, the default), ``"2b"``
             (sin-cos positions, no RoPE) or ``"1.5"`` (RoPE with
             ``patch_size_t=2``). ``"hunyuan-video"`` has one variant, ``"t2v"``.
+            ``"wan"``: ``"2.1"`` (the default), ``"2.2"`` (two experts),
+            ``"2.1-i2v"``, ``"2.2-i2v"``; see the module docstring.
         seed: every weight is a function of it; the caller's RNG state is left alone.
         dtype: the modules' dtype (they are built in float32, then cast). All
             modules are in eval mode with ``requires_grad`` off.
@@ -514,7 +737,7 @@ def call_args_for(model: str) -> dict:
 
         return dict(REFERENCE_CALL_ARGS)
     if model in EMBEDDED_MODEL_IDS:
-        return dict(DEMO_CALL_ARGS[EMBEDDED_MODEL_IDS[model][0]])
+        return demo_call_args(*EMBEDDED_MODEL_IDS[model])
     return {}
 
 

@@ -582,6 +582,9 @@ def search_profile(
     if reserved:
         raise ValueError(f"call_args must not set {reserved}; the search sets them per run")
     adapter = find_adapter(pipe)
+    if len(adapter.transformers(pipe)) > 1:
+        raise ValueError(f"the search covers one transformer; {type(pipe).__name__} runs "
+                         f"{len(adapter.transformers(pipe))} (two experts): search each expert's model on its own")
     num_layers, num_heads = len(adapter.attention_modules(pipe.transformer)), adapter.num_heads(pipe.transformer)
     units = [(str(prompt), int(seed)) for prompt in prompts for seed in seeds]
     record = _Record(settings)
