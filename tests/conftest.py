@@ -20,10 +20,14 @@ PROMPT = "a red ball moves right over a blue background"
 def embedded_kind(pipe) -> tuple[str, str | None]:
     """(family, the variant where the call arguments depend on it) of an embedded pipeline."""
     name = type(pipe).__name__
+    if name.startswith("HunyuanVideo15"):
+        return "hunyuan-video-1.5", "i2v" if name.endswith("ImageToVideoPipeline") else None
     if name.startswith("Hunyuan"):
         return "hunyuan-video", None
     if name == "WanImageToVideoPipeline":
         return "wan", "2.1-i2v" if pipe.image_encoder is not None else "2.2-i2v"
+    if name == "CogVideoXImageToVideoPipeline":
+        return "cogvideox", "5b-i2v"
     return ("wan" if name.startswith("Wan") else "cogvideox"), None
 
 

@@ -178,3 +178,38 @@ def test_generate_compiles_the_accelerated_transformer(tmp_path):
                  "--compile", "--out", str(out)]) == 0
     summary = json.loads(out.with_suffix(".json").read_text())
     assert summary["compiled"] and summary["attention"]["calls"]["sliding_frames"] > 0
+
+
+@pytest.mark.parametrize("model, profile", [("embedded:wan2.1", "wan2.1-1.3b"), ("embedded:wan2.2", "wan2.2-a14b")])
+def test_generate_on_wan_picks_the_profile_of_its_experts(tmp_path, model, profile):
+    out = tmp_path / "wan.mp4"
+    assert main(["generate", "--model", model, "--steps", "2", "--out", str(out)]) == 0
+    summary = json.loads(out.with_suffix(".json").read_text())
+    assert summary["profile"] == profile and summary["attention"]["calls"]["svg"] > 0
+
+
+@pytest.mark.parametrize("model", ["embedded:cogvideox-5b-i2v", "embedded:wan2.1-i2v", "embedded:wan2.2-i2v"])
+def test_generate_image_to_video(tmp_path, model):
+    from PIL import Image
+
+    image = tmp_path / "first.png"
+    Image.new("RGB", (40, 24), (200, 30, 30)).save(image)
+    out = tmp_path / "i2v.mp4"
+    assert main(["generate", "--model", model, "--image", str(image), "--steps", "2", "--compare-dense",
+                 "--out", str(out)]) == 0
+    summary = json.loads(out.with_suffix(".json").read_text())
+    assert summary["image"] == str(image) and "image" not in summary["call_args"]
+    assert summary["pipeline"].endswith("ImageToVideoPipeline") and summary["psnr_db"] > 0
+
+
+def test_an_image_for_a_text_to_video_model_or_an_unreadable_one_is_refused(tmp_path, capsys):
+    bad = tmp_path / "not-an-image.png"
+    bad.write_text("hello")
+    assert main(["generate", "--model", "embedded:wan2.1-i2v", "--image", str(bad), "--out", str(tmp_path / "x.mp4")]) == 2
+    assert "cannot read it as an image" in one_line_error(capsys)
+    from PIL import Image
+
+    good = tmp_path / "first.png"
+    Image.new("RGB", (32, 32)).save(good)
+    assert main(["generate", "--model", "embedded:wan2.1", "--image", str(good), "--out", str(tmp_path / "x.mp4")]) == 2
+    assert "is a text-to-video pipeline (WanPipeline)" in one_line_error(capsys)

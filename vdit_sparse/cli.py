@@ -1,6 +1,6 @@
 """The ``vdit-sparse`` command line.
 
-``vdit-sparse generate``  text-to-video under a profile, optionally beside dense
+``vdit-sparse generate``  text- or image-to-video under a profile, optionally beside dense
 ``vdit-sparse profiles``  the built-in profiles and what they do
 ``vdit-sparse eval``      quality of profiles against dense: JSON, Markdown table, PNG plot
 ``vdit-sparse inspect``   the method of every (layer, head) of a profile, as text and PNG
@@ -33,14 +33,17 @@ def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vdit-sparse", description="Sparse attention for video DiTs in diffusers.")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    gen = commands.add_parser("generate", help="text-to-video under a profile")
+    gen = commands.add_parser("generate", help="text- or image-to-video under a profile")
     gen.add_argument(
         "--model",
         default=DEFAULT_MODEL,
         help=f"hub id, local directory, or an embedded pipeline (default {DEFAULT_MODEL}, the trained "
         "reference model; random-weight ones: embedded:cogvideox, embedded:cogvideox-2b, "
-        "embedded:cogvideox-1.5, embedded:hunyuan-video)",
+        "embedded:cogvideox-1.5, embedded:hunyuan-video, embedded:wan2.1, embedded:wan2.2; image-to-video: "
+        "embedded:cogvideox-5b-i2v, embedded:wan2.1-i2v, embedded:wan2.2-i2v)",
     )
+    gen.add_argument("--image", type=Path, default=None,
+                     help="first frame for an image-to-video pipeline (default for the embedded ones: a made-up image)")
     gen.add_argument("--profile", default=None,
                      help="built-in profile name or YAML path (default: the built-in profile for the model, "
                      "e.g. cogvideox-5b or hunyuan-video)")
@@ -216,18 +219,42 @@ def _check_profiles(pipe, profiles: list) -> list:
 
 @contextlib.contextmanager
 def _compiled_transformer(pipe, enabled: bool):
-    """``pipe.transformer`` wrapped by torch.compile inside the block (after any profile was applied), then restored."""
+    """The pipeline's transformers (both of Wan 2.2's experts) wrapped by torch.compile inside the block (after any
+    profile was applied), then restored."""
     if not enabled:
         yield
         return
     import torch
 
-    original = pipe.transformer
-    pipe.transformer = torch.compile(original)
+    originals = {name: getattr(pipe, name) for name in ("transformer", "transformer_2")
+                 if getattr(pipe, name, None) is not None}
+    for name, transformer in originals.items():
+        setattr(pipe, name, torch.compile(transformer))
     try:
         yield
     finally:
-        pipe.transformer = original
+        for name, transformer in originals.items():
+            setattr(pipe, name, transformer)
+
+
+def _read_image(path: Path):
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, UnidentifiedImageError) as error:
+        raise UsageError(f"--image {str(path)!r}: cannot read it as an image ({error})") from None
+
+
+def _check_takes_image(pipe, model: str) -> None:
+    import inspect
+
+    if "image" not in inspect.signature(pipe.__call__).parameters:
+        raise UsageError(
+            f"--image: {model} is a text-to-video pipeline ({type(pipe).__name__}); image-to-video needs one such as "
+            "CogVideoXImageToVideoPipeline or WanImageToVideoPipeline (embedded:cogvideox-5b-i2v, embedded:wan2.1-i2v)"
+        )
 
 
 def _generate(pipe, prompt: str, call_args: dict, seed: int, device: str):
@@ -259,8 +286,12 @@ def _cmd_generate(args) -> int:
     # the profile on its own, then the profile against the loaded model.
     summary_path = _check_generate_outputs(args)
     call_args = _call_args(args, call_args_for(args.model))
+    image = _read_image(args.image) if args.image is not None else None
     profile = load_profile(args.profile) if args.profile is not None else None
     pipe = _load_pipeline(args.model, dtype_name, device)
+    if image is not None:
+        _check_takes_image(pipe, args.model)
+        call_args["image"] = image
     if profile is None:
         profile = find_adapter(pipe).default_profile(pipe)
     (profile,) = _check_profiles(pipe, [profile])
@@ -274,8 +305,10 @@ def _cmd_generate(args) -> int:
         "device": device,
         "dtype": dtype_name,
         "compiled": args.compile,
-        "call_args": call_args,
+        "call_args": {key: value for key, value in call_args.items() if key != "image"},
     }
+    if "image" in call_args:
+        report["image"] = str(args.image) if args.image is not None else "the embedded model's demo image"
     dense_frames = None
     if args.compare_dense:
         print(f"[1/2] dense run of {report['pipeline']}")

@@ -26,8 +26,15 @@ family         VAE space VAE time   patch (t,h,w) text       text position
 cogvideox      2x        2x         (1, 2, 2)    16 tokens  prefix [text | video]
 cogvideox-1.5  2x        2x         (2, 2, 2)    16 tokens  prefix [text | video]
 hunyuan-video  2x        4x         (1, 2, 2)    16 tokens  suffix [video | text]
+hunyuan-v-1.5  4x        4x         (1, 1, 1)    33 tokens  suffix [video | conditions]
 wan            2x        2x         (1, 2, 2)    16 tokens  none (cross-attention)
 ============== ========= ========== ============ ========== =====================
+
+HunyuanVideo 1.5 (``"t2v"``, ``"i2v"``) joins three conditions after the
+video: 9 image tokens (zeros and masked for text-to-video), 8 ByT5 tokens and
+16 multimodal-LLM tokens, padding last and masked.  Its pipelines take no
+``max_sequence_length`` or ``guidance_scale``: the text lengths are pipeline
+attributes set by the builder, the CFG scale is the guider's.
 
 Wan comes as ``"2.1"`` and ``"2.2"`` (``WanPipeline``; 2.2 with its two
 experts ``transformer`` and ``transformer_2`` switched at ``boundary_ratio``,
@@ -79,8 +86,9 @@ EMBEDDED_TEXT_LEN = 16
 
 EMBEDDED_FAMILIES: dict[str, tuple[str, ...]] = {
     # family -> variants; the first is the default
-    "cogvideox": ("5b", "2b", "1.5"),
+    "cogvideox": ("5b", "2b", "1.5", "5b-i2v"),
     "hunyuan-video": ("t2v",),
+    "hunyuan-video-1.5": ("t2v", "i2v"),
     "wan": ("2.1", "2.2", "2.1-i2v", "2.2-i2v"),
 }
 
@@ -90,7 +98,10 @@ EMBEDDED_MODEL_IDS: Mapping[str, tuple[str, str]] = MappingProxyType(
         "embedded:cogvideox-5b": ("cogvideox", "5b"),
         "embedded:cogvideox-2b": ("cogvideox", "2b"),
         "embedded:cogvideox-1.5": ("cogvideox", "1.5"),
+        "embedded:cogvideox-5b-i2v": ("cogvideox", "5b-i2v"),
         "embedded:hunyuan-video": ("hunyuan-video", "t2v"),
+        "embedded:hunyuan-video-1.5": ("hunyuan-video-1.5", "t2v"),
+        "embedded:hunyuan-video-1.5-i2v": ("hunyuan-video-1.5", "i2v"),
         "embedded:wan2.1": ("wan", "2.1"),
         "embedded:wan2.2": ("wan", "2.2"),
         "embedded:wan2.1-i2v": ("wan", "2.1-i2v"),
@@ -123,6 +134,8 @@ DEMO_CALL_ARGS: Mapping[str, Mapping[str, object]] = MappingProxyType(
                 "max_sequence_length": EMBEDDED_TEXT_LEN,
             }
         ),
+        # 5 latent frames of 8 x 8 tokens; the CFG scale (6) is the guider's, no call argument
+        "hunyuan-video-1.5": MappingProxyType({"height": 32, "width": 32, "num_frames": 17, "num_inference_steps": 4}),
         # 5 latent frames of 8 x 8 tokens; guidance > 1: a conditional and an unconditional call each step
         "wan": MappingProxyType(
             {
@@ -143,12 +156,15 @@ variants take more: :func:`demo_call_args`)."""
 def demo_call_args(family: str, variant: str | None = None) -> dict:
     """:data:`DEMO_CALL_ARGS` of ``family`` with what ``variant`` needs besides: the image-to-video variants an
     ``image`` (:func:`demo_image`), and Wan 2.1's image-to-video 512 text tokens (its attention processor splits
-    the image tokens from the text by that hard-coded length)."""
+    the image tokens from the text by that hard-coded length); HunyuanVideo 1.5's image-to-video takes no height
+    or width."""
     args = dict(DEMO_CALL_ARGS[family])
     if variant is not None and variant.endswith("i2v"):
         args["image"] = demo_image(args["height"])
         if (family, variant) == ("wan", "2.1-i2v"):
             args["max_sequence_length"] = _WAN_I2V_TEXT_LEN
+        if family == "hunyuan-video-1.5":  # its size is the resolution bucket of the image: no height or width
+            del args["height"], args["width"]
     return args
 
 # Words a simple video prompt uses, plus the words of HunyuanVideo's default
@@ -284,10 +300,17 @@ def _seeded(seed: int, offset: int, make):
 
 
 def _build_cogvideox(variant: str, seed: int):
-    from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXPipeline, CogVideoXTransformer3DModel
+    from diffusers import (
+        AutoencoderKLCogVideoX,
+        CogVideoXDDIMScheduler,
+        CogVideoXImageToVideoPipeline,
+        CogVideoXPipeline,
+        CogVideoXTransformer3DModel,
+    )
     from transformers import T5Config, T5EncoderModel
 
     is_v15 = variant == "1.5"
+    is_i2v = variant == "5b-i2v"  # the image latents join the noisy ones on channels
     tokenizer = build_tokenizer("t5")
     text_dim = 32
     t5_config = T5Config(
@@ -337,7 +360,7 @@ def _build_cogvideox(variant: str, seed: int):
         lambda: CogVideoXTransformer3DModel(
             num_attention_heads=4,
             attention_head_dim=16,  # RoPE splits it 4 (t) + 6 (h) + 6 (w), each even
-            in_channels=4,
+            in_channels=8 if is_i2v else 4,
             out_channels=4,
             time_embed_dim=32,
             text_embed_dim=text_dim,
@@ -352,7 +375,7 @@ def _build_cogvideox(variant: str, seed: int):
             temporal_compression_ratio=temporal_ratio,
             max_text_seq_length=EMBEDDED_TEXT_LEN,
             use_rotary_positional_embeddings=variant != "2b",
-            use_learned_positional_embeddings=False,
+            use_learned_positional_embeddings=is_i2v,  # as CogVideoX-5b-I2V (sized for the demo's latents)
         ),
     )
     # Scheduler configs of THUDM/CogVideoX-2b / -5b / CogVideoX1.5-5B (2B trained with SNR shift 3).
@@ -371,9 +394,8 @@ def _build_cogvideox(variant: str, seed: int):
     )
     assert vae.config.temporal_compression_ratio == temporal_ratio
     assert 2 ** (len(vae.config.block_out_channels) - 1) == spatial_ratio
-    return CogVideoXPipeline(
-        tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=scheduler
-    )
+    pipeline = CogVideoXImageToVideoPipeline if is_i2v else CogVideoXPipeline
+    return pipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=scheduler)
 
 
 def _build_hunyuan_video(variant: str, seed: int):
@@ -495,7 +517,7 @@ def demo_image(size: int = 32):
     rgb = np.stack([x * 255 // (size - 1), y * 255 // (size - 1), np.full_like(x, 96)], axis=-1)
     q = size // 4
     rgb[q : 2 * q, q : 2 * q] = (255, 255, 255)
-    return Image.fromarray(rgb.astype(np.uint8), mode="RGB")
+    return Image.fromarray(rgb.astype(np.uint8))  # H x W x 3 uint8: RGB
 
 
 def _wan_text_encoder(tokenizer, seed: int):
@@ -648,7 +670,206 @@ def _build_wan(variant: str, seed: int):
     return WanImageToVideoPipeline(image_encoder=image_encoder, image_processor=image_processor, **common)
 
 
-_BUILDERS = {"cogvideox": _build_cogvideox, "hunyuan-video": _build_hunyuan_video, "wan": _build_wan}
+# --- HunyuanVideo 1.5 ---------------------------------------------------------------------------
+
+_HV15_TEXT_LEN = EMBEDDED_TEXT_LEN  # MLLM tokens after the crop (real: 1000)
+_HV15_BYT5_LEN = 8  # ByT5 tokens (real: 256)
+_HV15_IMAGE_SIZE, _HV15_IMAGE_PATCH = 24, 8  # SigLIP input 24 x 24, 3 x 3 = 9 image tokens (real: 384 / 14 -> 729)
+_HV15_IMAGE_TOKENS = (_HV15_IMAGE_SIZE // _HV15_IMAGE_PATCH) ** 2
+
+# The local "llama" tokenizer has no chat template and the pipeline calls
+# tokenizer.apply_chat_template(...). Real Qwen2.5-VL uses ChatML
+# (<|im_start|>role\n...<|im_end|>\n); we use the Llama 3 layout instead, whose
+# header tokens the local tokenizer already has as atomic tokens, so the frozen
+# vocabulary stays unchanged. Like ChatML, the generation suffix after the
+# prompt is 5 tokens (<|eot_id|> <|start_header_id|> assistant <|end_header_id|> \n\n).
+_HV15_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "<|start_header_id|>{{ message['role'] }}<|end_header_id|>\n\n{{ message['content'] }}<|eot_id|>"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+)
+
+
+def _hv15_template_prefix_len(tokenizer, system_message: str) -> int:
+    """Tokens before the user prompt in the rendered chat template: the pipeline's crop_start (real: 108)."""
+    from diffusers.pipelines.hunyuan_video1_5.pipeline_hunyuan_video1_5 import format_text_input
+
+    sentinel = "SENTINELPROMPT"
+    text = tokenizer.apply_chat_template(
+        format_text_input([sentinel], system_message), tokenize=False, add_generation_prompt=True
+    )[0]
+    return len(tokenizer(text.split(sentinel)[0], add_special_tokens=False).input_ids)
+
+
+def _hv15_text_encoders(seed: int):
+    from transformers import Qwen2_5_VLTextConfig, Qwen2_5_VLTextModel, T5Config, T5EncoderModel
+
+    tokenizer = build_tokenizer("llama")  # stands in for Qwen2Tokenizer (byte-level BPE chat tokenizer)
+    tokenizer.chat_template = _HV15_CHAT_TEMPLATE
+    qwen_config = Qwen2_5_VLTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        # the pipeline reads hidden_states[-3]; with 3 layers that is layer 1's output, not the embeddings
+        num_hidden_layers=3,
+        num_attention_heads=4,  # head dim 8
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        # Qwen2.5-VL's multimodal RoPE: mrope_section sums to head_dim / 2 (real: [16, 24, 24] for 128)
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [2, 1, 1]},
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        use_cache=False,
+    )
+    text_encoder = _seeded(seed, 1, lambda: Qwen2_5_VLTextModel(qwen_config))
+
+    # ByT5 stand-in: the word-level "t5" tokenizer (pad 0, </s> 1, unk 2 as T5/ByT5); the pipeline
+    # only calls tokenizer_2(text, padding="max_length", max_length=..., truncation=True, ...)
+    tokenizer_2 = build_tokenizer("t5")
+    t5_config = T5Config(
+        vocab_size=len(tokenizer_2),
+        d_model=24,  # distinct from the other encoders' widths, so any miswiring fails loudly
+        d_kv=8,
+        d_ff=48,
+        num_layers=2,
+        num_heads=3,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=32,
+        feed_forward_proj="gated-gelu",
+        is_encoder_decoder=False,
+        use_cache=False,
+        pad_token_id=tokenizer_2.pad_token_id,
+        eos_token_id=tokenizer_2.eos_token_id,
+        decoder_start_token_id=tokenizer_2.pad_token_id,
+    )
+    text_encoder_2 = _seeded(seed, 2, lambda: T5EncoderModel(t5_config))
+    return tokenizer, text_encoder, tokenizer_2, text_encoder_2
+
+
+def _hv15_image_encoder(seed: int):
+    # torchvision is not installed: transformers' SiglipImageProcessor would fall back to (and warn
+    # about) SiglipImageProcessorPil, so use that directly; it has the same preprocess() signature.
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+
+    siglip_config = SiglipVisionConfig(
+        hidden_size=16,  # = transformer image_embed_dim (real: 1152)
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_channels=3,
+        image_size=_HV15_IMAGE_SIZE,
+        patch_size=_HV15_IMAGE_PATCH,
+        vision_use_head=False,  # the pipeline reads last_hidden_state only
+    )
+    image_encoder = _seeded(seed, 5, lambda: SiglipVisionModel(siglip_config))
+    feature_extractor = SiglipImageProcessorPil(
+        size={"height": _HV15_IMAGE_SIZE, "width": _HV15_IMAGE_SIZE},
+        image_mean=[0.5, 0.5, 0.5],
+        image_std=[0.5, 0.5, 0.5],
+    )
+    return image_encoder, feature_extractor
+
+
+def _build_hunyuan_video15(variant: str, seed: int):
+    """A tiny ``HunyuanVideo15Pipeline`` ("t2v") or ``HunyuanVideo15ImageToVideoPipeline`` ("i2v")."""
+    from diffusers import (
+        AutoencoderKLHunyuanVideo15,
+        ClassifierFreeGuidance,
+        FlowMatchEulerDiscreteScheduler,
+        HunyuanVideo15Transformer3DModel,
+    )
+
+    tokenizer, text_encoder, tokenizer_2, text_encoder_2 = _hv15_text_encoders(seed)
+
+    latent_channels = 4
+    vae = _seeded(
+        seed,
+        3,
+        lambda: AutoencoderKLHunyuanVideo15(
+            in_channels=3,
+            out_channels=3,
+            latent_channels=latent_channels,
+            # log2(4) = 2 downsampling stages, both 2x space and 2x time (the temporal ones are the last
+            # log2(temporal) stages, as in the real 16x/4x VAE); the third stage only holds resnets
+            block_out_channels=(8, 16, 16),
+            layers_per_block=1,
+            spatial_compression_ratio=4,
+            temporal_compression_ratio=4,  # must not exceed the spatial ratio (else fewer temporal stages are built)
+            scaling_factor=1.03682,
+        ),
+    )
+    transformer = _seeded(
+        seed,
+        4,
+        lambda: HunyuanVideo15Transformer3DModel(
+            in_channels=2 * latent_channels + 1,  # latents | condition latents | condition mask
+            out_channels=latent_channels,
+            num_attention_heads=4,
+            attention_head_dim=16,
+            num_layers=2,
+            num_refiner_layers=1,
+            mlp_ratio=4.0,
+            patch_size=1,
+            patch_size_t=1,
+            qk_norm="rms_norm",
+            text_embed_dim=text_encoder.config.hidden_size,
+            text_embed_2_dim=text_encoder_2.config.d_model,
+            image_embed_dim=16,  # SigLIP hidden size
+            rope_theta=256.0,
+            rope_axes_dim=(4, 6, 6),  # (t, h, w); each even, summing to attention_head_dim
+            target_size=32,  # pixel size of the resolution buckets (i2v output size; t2v default size)
+            task_type=variant,
+            use_meanflow=False,
+        ),
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=5.0)  # 480p configs
+    guider = ClassifierFreeGuidance(guidance_scale=6.0)
+
+    components = dict(
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        transformer=transformer,
+        vae=vae,
+        scheduler=scheduler,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
+        guider=guider,
+    )
+    if variant == "t2v":
+        from diffusers import HunyuanVideo15Pipeline
+
+        pipe = HunyuanVideo15Pipeline(**components)
+    else:
+        # importing this pipeline makes transformers warn that torchvision is missing (it imports
+        # SiglipImageProcessor, which then falls back to SiglipImageProcessorPil)
+        from diffusers import HunyuanVideo15ImageToVideoPipeline
+
+        image_encoder, feature_extractor = _hv15_image_encoder(seed)
+        pipe = HunyuanVideo15ImageToVideoPipeline(
+            **components, image_encoder=image_encoder, feature_extractor=feature_extractor
+        )
+
+    # Text lengths are hard-coded pipeline attributes (no call argument); shrink them.
+    pipe.tokenizer_max_length = _HV15_TEXT_LEN
+    pipe.tokenizer_2_max_length = _HV15_BYT5_LEN
+    pipe.prompt_template_encode_start_idx = _hv15_template_prefix_len(tokenizer, pipe.system_message)
+    pipe.vision_num_semantic_tokens = _HV15_IMAGE_TOKENS  # t2v's all-zero (masked) image tokens
+
+    assert vae.spatial_compression_ratio == 4 and vae.temporal_compression_ratio == 4
+    assert sum(transformer.config.rope_axes_dim) == transformer.config.attention_head_dim
+    return pipe
+
+
+_BUILDERS = {
+    "cogvideox": _build_cogvideox,
+    "hunyuan-video": _build_hunyuan_video,
+    "hunyuan-video-1.5": _build_hunyuan_video15,
+    "wan": _build_wan,
+}
 
 
 def build_embedded_pipeline(
@@ -663,11 +884,15 @@ def build_embedded_pipeline(
 
     Args:
         family: ``"cogvideox"`` (a ``CogVideoXPipeline``), ``"hunyuan-video"``
-            (a ``HunyuanVideoPipeline``) or ``"wan"`` (a ``WanPipeline`` or
-            ``WanImageToVideoPipeline``).
+            (a ``HunyuanVideoPipeline``), ``"hunyuan-video-1.5"`` (a
+            ``HunyuanVideo15Pipeline`` or its image-to-video pipeline) or
+            ``"wan"`` (a ``WanPipeline`` or ``WanImageToVideoPipeline``).
         variant: for ``"cogvideox"``: ``"5b"`` (RoPE, the default), ``"2b"``
-            (sin-cos positions, no RoPE) or ``"1.5"`` (RoPE with
-            ``patch_size_t=2``). ``"hunyuan-video"`` has one variant, ``"t2v"``.
+            (sin-cos positions, no RoPE), ``"1.5"`` (RoPE with
+            ``patch_size_t=2``) or ``"5b-i2v"`` (a ``CogVideoXImageToVideoPipeline``
+            with learned positions sized for the demo call).
+            ``"hunyuan-video"`` has one variant, ``"t2v"``.
+            ``"hunyuan-video-1.5"``: ``"t2v"`` or ``"i2v"``.
             ``"wan"``: ``"2.1"`` (the default), ``"2.2"`` (two experts),
             ``"2.1-i2v"``, ``"2.2-i2v"``; see the module docstring.
         seed: every weight is a function of it; the caller's RNG state is left alone.

@@ -1,4 +1,5 @@
-"""Wan 2.1 and 2.2 (two experts), text- and image-to-video, on the embedded pipelines."""
+"""The families beyond the first two, and image-to-video, on their embedded pipelines: Wan 2.1 and 2.2 (two
+experts), HunyuanVideo 1.5, CogVideoX image-to-video."""
 
 from __future__ import annotations
 
@@ -10,10 +11,12 @@ from vdit_sparse import accelerate_pipeline
 from vdit_sparse.api import AccelerationHandle
 from vdit_sparse.embedded import build_embedded_pipeline
 from vdit_sparse.pipelines import find_adapter
-from vdit_sparse.profile import ProfileError
+from vdit_sparse.profile import ProfileError, load_profile
 
 STEPS = 4  # DEMO_CALL_ARGS' num_inference_steps
-VARIANTS = ["2.1", "2.2", "2.1-i2v", "2.2-i2v"]
+MODELS = [("wan", "2.1"), ("wan", "2.2"), ("wan", "2.1-i2v"), ("wan", "2.2-i2v"), ("hunyuan-video-1.5", "t2v"),
+          ("hunyuan-video-1.5", "i2v"), ("cogvideox", "5b-i2v")]
+OTHER_FAMILY = {"wan": "hunyuan-video", "hunyuan-video-1.5": "hunyuan-video", "cogvideox": "wan2.1-14b"}
 
 # Each method at a setting that keeps everything (must equal dense) and at one that drops work.
 METHODS = {
@@ -26,35 +29,42 @@ METHODS = {
 }
 
 
-@pytest.fixture(scope="module", params=VARIANTS)
-def wan(request):
-    """(variant, pipeline), one build per variant."""
-    pipe = build_embedded_pipeline("wan", variant=request.param, seed=0)
+@pytest.fixture(scope="module", params=MODELS, ids=["-".join(m) for m in MODELS])
+def model(request):
+    """(family, variant, pipeline), one build per model."""
+    family, variant = request.param
+    pipe = build_embedded_pipeline(family, variant=variant, seed=0)
     pipe.set_progress_bar_config(disable=True)
-    return request.param, pipe
+    return family, variant, pipe
 
 
 @pytest.fixture(scope="module")
-def dense_latents(wan):
-    return run_pipeline(wan[1])
+def dense_latents(model):
+    return run_pipeline(model[2])
 
 
-def test_the_adapter_takes_every_expert(wan):
-    variant, pipe = wan
+def forwards_per_step(family: str) -> int:
+    return 1 if family == "cogvideox" else 2  # CogVideoX batches its CFG; the others call twice a step
+
+
+def test_the_adapter_takes_every_expert(model):
+    family, variant, pipe = model
     adapter = find_adapter(pipe)
     experts = 2 if variant.startswith("2.2") else 1
-    assert adapter.family == "wan" and len(adapter.transformers(pipe)) == experts
-    assert len(adapter.attention_layers(pipe)) == 2 * experts  # each embedded expert has 2 blocks
-    assert adapter.default_profile(pipe) == ("wan2.2-a14b" if experts == 2 else "wan2.1-1.3b")
+    assert adapter.family == family and len(adapter.transformers(pipe)) == experts
+    assert len(adapter.attention_layers(pipe)) == 2 * experts  # each embedded transformer has 2 blocks
+    expected = {"wan": "wan2.2-a14b" if experts == 2 else "wan2.1-1.3b", "cogvideox": "cogvideox-5b",
+                "hunyuan-video-1.5": "hunyuan-video-1.5"}[family]
+    assert adapter.default_profile(pipe) == expected
 
 
-def test_the_dense_profile_is_exact_and_remove_restores_bit_for_bit(wan, dense_latents):
-    _, pipe = wan
+def test_the_dense_profile_is_exact_and_remove_restores_bit_for_bit(model, dense_latents):
+    family, _, pipe = model
     transformers = find_adapter(pipe).transformers(pipe)
     processors = [dict(t.attn_processors) for t in transformers]
     with accelerate_pipeline(pipe, "dense") as handle:
         assert torch.equal(run_pipeline(pipe), dense_latents)
-        assert handle.stats.calls == {"dense": 2 * 2 * STEPS}  # 2 layers, a cond and an uncond call a step
+        assert handle.stats.calls == {"dense": 2 * forwards_per_step(family) * STEPS}  # 2 layers a forward
     handle = accelerate_pipeline(pipe, {"method": "svg", "params": METHODS["svg"][1]})
     assert not torch.equal(run_pipeline(pipe), dense_latents)
     handle.remove()
@@ -64,8 +74,8 @@ def test_the_dense_profile_is_exact_and_remove_restores_bit_for_bit(wan, dense_l
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
-def test_every_method_keeping_everything_is_dense_and_otherwise_differs(wan, dense_latents, method):
-    _, pipe = wan
+def test_every_method_keeping_everything_is_dense_and_otherwise_differs(model, dense_latents, method):
+    _, _, pipe = model
     keep_all, sparse = METHODS[method]
     with accelerate_pipeline(pipe, {"method": method, "params": keep_all}) as handle:
         full = run_pipeline(pipe)
@@ -77,9 +87,9 @@ def test_every_method_keeping_everything_is_dense_and_otherwise_differs(wan, den
     assert torch.isfinite(out).all() and not torch.allclose(out, dense_latents, atol=1e-4)
 
 
-def test_the_step_index_is_right_in_every_call(wan, monkeypatch):
+def test_the_step_index_is_right_in_every_call(model, monkeypatch):
     """Separate conditional and unconditional calls, and for Wan 2.2 the switch between experts."""
-    variant, pipe = wan
+    family, variant, pipe = model
     seen, begin = [], AccelerationHandle._begin_forward
 
     def record(self, transformer, args, kwargs):
@@ -92,7 +102,8 @@ def test_the_step_index_is_right_in_every_call(wan, monkeypatch):
         real_attend = handle.attend
         handle.attend = lambda q, k, v, call: layers.append(call.layer_index) or real_attend(q, k, v, call)
         run_pipeline(pipe)
-    assert [(step, kind) for _, step, kind in seen] == [(s, k) for s in range(STEPS) for k in (0, 1)]
+    kinds = range(forwards_per_step(family))
+    assert [(step, kind) for _, step, kind in seen] == [(s, k) for s in range(STEPS) for k in kinds]
     experts = [expert for expert, _, _ in seen]
     if variant.startswith("2.2"):  # the high-noise expert first, then the low-noise one; its layers come after
         switch = experts.index(1)
@@ -102,18 +113,19 @@ def test_the_step_index_is_right_in_every_call(wan, monkeypatch):
         assert set(experts) == {0} and sorted(set(layers)) == [0, 1]
 
 
-def test_step_caching_reuses_the_block_output(wan, dense_latents):
-    _, pipe = wan
+def test_step_caching_reuses_the_block_output(model, dense_latents):
+    family, _, pipe = model
     profile = {"method": "dense", "step_cache": {"skip_steps": [2], "schedule_steps": STEPS}}
     with accelerate_pipeline(pipe, profile) as handle:
         out = run_pipeline(pipe)
-        assert handle.stats.calls["step_cache"] == 2 * 2  # step 2's two calls, 2 layers each
+        assert handle.stats.calls["step_cache"] == forwards_per_step(family) * 2  # step 2's calls, 2 layers each
     assert torch.isfinite(out).all() and not torch.equal(out, dense_latents)
 
 
-def test_a_profile_for_another_family_or_size_is_refused_by_name(wan):
-    _, pipe = wan
-    with pytest.raises(ProfileError, match="'hunyuan-video'.*'wan'"):
-        accelerate_pipeline(pipe, "hunyuan-video")
-    with pytest.raises(ProfileError, match="attention layers"):
-        accelerate_pipeline(pipe, "wan2.1-14b")  # 40 layers; the embedded model has 2 (or 4)
+def test_a_profile_for_another_family_or_size_is_refused_by_name(model):
+    family, _, pipe = model
+    other = load_profile(OTHER_FAMILY[family]).profile.model.family
+    with pytest.raises(ProfileError, match=f"'{other}'.*'{family}'"):
+        accelerate_pipeline(pipe, OTHER_FAMILY[family])
+    with pytest.raises(ProfileError, match="40 attention layers"):
+        accelerate_pipeline(pipe, {"model": {"family": family, "num_layers": 40}, "method": "dense"})
