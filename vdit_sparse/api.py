@@ -526,7 +526,9 @@ class AccelerationHandle:
         }
 
 
-def _is_compiled(module: torch.nn.Module) -> bool:
+def _is_compiled(module: torch.nn.Module | None) -> bool:
+    if module is None:
+        return False
     return isinstance(module, torch._dynamo.eval_frame.OptimizedModule) or (
         getattr(module, "_compiled_call_impl", None) is not None
     )
@@ -543,12 +545,12 @@ def accelerate_pipeline(pipe: Any, profile: Union[str, Path, Profile, dict, Reso
     """
     if getattr(pipe, "transformer", None) is None and getattr(pipe, "transformer_2", None) is None:
         raise TypeError(f"{type(pipe).__name__} has no `transformer`; vdit-sparse accelerates DiT video pipelines")
+    if any(_is_compiled(getattr(pipe, name, None)) for name in ("transformer", "transformer_2")):
+        raise RuntimeError(
+            "the pipeline's transformer is already wrapped by torch.compile; call accelerate_pipeline "
+            "before torch.compile (compile the accelerated transformer afterwards)"
+        )
     for transformer in find_adapter(pipe).transformers(pipe):
-        if _is_compiled(transformer):
-            raise RuntimeError(
-                "the pipeline's transformer is already wrapped by torch.compile; call accelerate_pipeline "
-                "before torch.compile (compile the accelerated transformer afterwards)"
-            )
         existing = getattr(transformer, _HANDLE_ATTR, None)
         if existing is not None:
             raise RuntimeError(
