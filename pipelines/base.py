@@ -170,6 +170,10 @@ class PipelineAdapter:
             raise RuntimeError(f"{type(transformer).__name__}: attention layers {missing} sit in no top-level block list")
         return [owner[id(module)] for module in modules]
 
+    def step_cache_refusal(self, transformer: torch.nn.Module) -> str | None:
+        """Why the profile's step caching cannot run on this transformer, or None when it can."""
+        return None
+
     def block_passthrough(self, block: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
         """What ``block`` returns when it changes nothing: the streams it received, in its output's form.
 

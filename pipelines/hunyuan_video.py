@@ -7,6 +7,9 @@ Layer indices run over the dual-stream blocks first, then the single-stream
 ones.  The attention mask the blocks receive is ``(B, 1, 1, S)`` bool, True
 for real tokens: it only masks padded text keys, so it becomes our
 key-padding mask.  The token refiner's text-only attention is not touched.
+Image-to-video (HunyuanVideo-I2V) replaces latent frame 0 by the image's
+latents or concatenates them on channels: the sequence is the same (its
+token-replacement blocks keep the same attention and MLP modules).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ __all__ = ["HunyuanVideoAdapter"]
 
 class HunyuanVideoAdapter(PipelineAdapter):
     family = "hunyuan-video"
-    pipeline_class_names = ("HunyuanVideoPipeline",)
+    pipeline_class_names = ("HunyuanVideoPipeline", "HunyuanVideoImageToVideoPipeline")
     transformer_class_names = ("HunyuanVideoTransformer3DModel",)
 
     def attention_modules(self, transformer):

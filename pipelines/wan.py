@@ -8,6 +8,11 @@ the token layout has no text; image-to-video conditions on channels (the
 image latents and mask concatenated to the noisy latents), which changes
 nothing in the sequence.
 
+``WanVACEPipeline``'s transformer adds a control branch (``vace_blocks``, its
+own self-attention over the control tokens, whose hints are added to the main
+stream after some blocks): the main blocks' ``attn1`` are taken over, the
+control branch runs as the model runs it, and step caching is refused.
+
 Wan 2.2 A14B pipelines hold two experts, ``transformer`` (high noise) and
 ``transformer_2`` (low noise), switched at ``boundary_ratio``: one handle
 takes both.  Layers are numbered over ``transformer`` first, then
@@ -28,8 +33,8 @@ __all__ = ["WanAdapter"]
 
 class WanAdapter(PipelineAdapter):
     family = "wan"
-    pipeline_class_names = ("WanPipeline", "WanImageToVideoPipeline")
-    transformer_class_names = ("WanTransformer3DModel",)
+    pipeline_class_names = ("WanPipeline", "WanImageToVideoPipeline", "WanVACEPipeline")
+    transformer_class_names = ("WanTransformer3DModel", "WanVACETransformer3DModel")
 
     def transformers(self, pipe):
         return [t for t in (getattr(pipe, "transformer", None), getattr(pipe, "transformer_2", None)) if t is not None]
@@ -39,6 +44,12 @@ class WanAdapter(PipelineAdapter):
 
     def feed_forward_sites(self, transformer):
         return [gelu_feed_forward_site(i, "video", block.ffn) for i, block in enumerate(transformer.blocks)]
+
+    def step_cache_refusal(self, transformer):
+        if hasattr(transformer, "vace_blocks"):
+            return ("Wan VACE adds its control hints to the hidden states between blocks, so a skipped step would "
+                    "add them again to the reused output")
+        return None
 
     def block_passthrough(self, block, args, kwargs):
         return args[0] if args else kwargs["hidden_states"]  # a Wan block returns its hidden states only

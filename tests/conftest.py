@@ -23,7 +23,7 @@ def embedded_kind(pipe) -> tuple[str, str | None]:
     if name.startswith("HunyuanVideo15"):
         return "hunyuan-video-1.5", "i2v" if name.endswith("ImageToVideoPipeline") else None
     if name.startswith("Hunyuan"):
-        return "hunyuan-video", None
+        return "hunyuan-video", "i2v" if name.endswith("ImageToVideoPipeline") else None
     if name == "WanImageToVideoPipeline":
         return "wan", "2.1-i2v" if pipe.image_encoder is not None else "2.2-i2v"
     if name == "CogVideoXImageToVideoPipeline":

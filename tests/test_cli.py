@@ -188,7 +188,8 @@ def test_generate_on_wan_picks_the_profile_of_its_experts(tmp_path, model, profi
     assert summary["profile"] == profile and summary["attention"]["calls"]["svg"] > 0
 
 
-@pytest.mark.parametrize("model", ["embedded:cogvideox-5b-i2v", "embedded:wan2.1-i2v", "embedded:wan2.2-i2v"])
+@pytest.mark.parametrize("model", ["embedded:cogvideox-5b-i2v", "embedded:hunyuan-video-i2v", "embedded:hunyuan-video-1.5-i2v",
+                                   "embedded:wan2.1-i2v", "embedded:wan2.2-i2v"])
 def test_generate_image_to_video(tmp_path, model):
     from PIL import Image
 

@@ -34,7 +34,7 @@ from .context import AttentionCall, FeedForwardCall, RunStats, StateStore, StepC
 from .methods import AttentionMethod
 from .pipelines import PipelineAdapter, find_adapter
 from .pipelines.base import bind_forward_inputs
-from .profile import Profile, ResolvedProfile, load_profile
+from .profile import Profile, ProfileError, ResolvedProfile, load_profile
 from .routing import HeadGroup, LayerRouting
 
 __all__ = ["accelerate_pipeline", "check_profile", "AccelerationHandle"]
@@ -311,6 +311,10 @@ class AccelerationHandle:
         self._blocks: list[list[torch.nn.Module]] = []
         if profile.profile.step_cache is not None and profile.profile.step_cache.skip_steps:
             for transformer in self.transformers:
+                refusal = adapter.step_cache_refusal(transformer)
+                if refusal is not None:
+                    raise ProfileError(f"profile '{profile.name}': field 'step_cache': {type(transformer).__name__}: "
+                                       f"{refusal}")
                 blocks: list[torch.nn.Module] = []
                 for block in adapter.blocks(transformer):
                     if all(block is not seen for seen in blocks):

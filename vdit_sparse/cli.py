@@ -39,8 +39,9 @@ def _build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_MODEL,
         help=f"hub id, local directory, or an embedded pipeline (default {DEFAULT_MODEL}, the trained "
         "reference model; random-weight ones: embedded:cogvideox, embedded:cogvideox-2b, "
-        "embedded:cogvideox-1.5, embedded:hunyuan-video, embedded:wan2.1, embedded:wan2.2; image-to-video: "
-        "embedded:cogvideox-5b-i2v, embedded:wan2.1-i2v, embedded:wan2.2-i2v)",
+        "embedded:cogvideox-1.5, embedded:hunyuan-video, embedded:hunyuan-video-1.5, embedded:wan2.1, "
+        "embedded:wan2.2, embedded:wan2.1-vace; image-to-video: embedded:cogvideox-5b-i2v, "
+        "embedded:hunyuan-video-i2v, embedded:hunyuan-video-1.5-i2v, embedded:wan2.1-i2v, embedded:wan2.2-i2v)",
     )
     gen.add_argument("--image", type=Path, default=None,
                      help="first frame for an image-to-video pipeline (default for the embedded ones: a made-up image)")

@@ -30,6 +30,12 @@ hunyuan-v-1.5  4x        4x         (1, 1, 1)    33 tokens  suffix [video | cond
 wan            2x        2x         (1, 2, 2)    16 tokens  none (cross-attention)
 ============== ========= ========== ============ ========== =====================
 
+HunyuanVideo's ``"i2v"`` is a ``HunyuanVideoImageToVideoPipeline`` as
+HunyuanVideo-I2V: the image latents replace latent frame 0 (token
+replacement; the sequence is unchanged), a tiny Llava encodes the prompt
+with the image's 16 tokens (its template is passed by
+:func:`demo_call_args`), one transformer call a step (embedded guidance).
+
 HunyuanVideo 1.5 (``"t2v"``, ``"i2v"``) joins three conditions after the
 video: 9 image tokens (zeros and masked for text-to-video), 8 ByT5 tokens and
 16 multimodal-LLM tokens, padding last and masked.  Its pipelines take no
@@ -43,6 +49,9 @@ both called in the 4 demo steps) and as ``"2.1-i2v"`` and ``"2.2-i2v"``
 to cross-attention, 2.2 without one, two experts).  Image-to-video conditions
 on channels (the transformer takes 10 channels instead of 4) and needs
 ``num_frames = 4 * k + 1`` (the Wan VAE encodes frames in chunks of 4).
+``"2.1-vace"`` is a ``WanVACEPipeline`` whose control branch is one VACE
+block (its hint joins after block 0); called without a control video it
+conditions on an empty one, as the real pipeline does.
 
 The text length is the ``max_sequence_length`` call argument (both pipelines
 pad the prompt to it); :data:`EMBEDDED_TEXT_LEN` is the value
@@ -87,9 +96,9 @@ EMBEDDED_TEXT_LEN = 16
 EMBEDDED_FAMILIES: dict[str, tuple[str, ...]] = {
     # family -> variants; the first is the default
     "cogvideox": ("5b", "2b", "1.5", "5b-i2v"),
-    "hunyuan-video": ("t2v",),
+    "hunyuan-video": ("t2v", "i2v"),
     "hunyuan-video-1.5": ("t2v", "i2v"),
-    "wan": ("2.1", "2.2", "2.1-i2v", "2.2-i2v"),
+    "wan": ("2.1", "2.2", "2.1-i2v", "2.2-i2v", "2.1-vace"),
 }
 
 EMBEDDED_MODEL_IDS: Mapping[str, tuple[str, str]] = MappingProxyType(
@@ -100,12 +109,14 @@ EMBEDDED_MODEL_IDS: Mapping[str, tuple[str, str]] = MappingProxyType(
         "embedded:cogvideox-1.5": ("cogvideox", "1.5"),
         "embedded:cogvideox-5b-i2v": ("cogvideox", "5b-i2v"),
         "embedded:hunyuan-video": ("hunyuan-video", "t2v"),
+        "embedded:hunyuan-video-i2v": ("hunyuan-video", "i2v"),
         "embedded:hunyuan-video-1.5": ("hunyuan-video-1.5", "t2v"),
         "embedded:hunyuan-video-1.5-i2v": ("hunyuan-video-1.5", "i2v"),
         "embedded:wan2.1": ("wan", "2.1"),
         "embedded:wan2.2": ("wan", "2.2"),
         "embedded:wan2.1-i2v": ("wan", "2.1-i2v"),
         "embedded:wan2.2-i2v": ("wan", "2.2-i2v"),
+        "embedded:wan2.1-vace": ("wan", "2.1-vace"),
     }
 )
 """Model names :func:`load_pipeline` resolves to an embedded pipeline: name -> (family, variant)."""
@@ -165,6 +176,8 @@ def demo_call_args(family: str, variant: str | None = None) -> dict:
             args["max_sequence_length"] = _WAN_I2V_TEXT_LEN
         if family == "hunyuan-video-1.5":  # its size is the resolution bucket of the image: no height or width
             del args["height"], args["width"]
+        if family == "hunyuan-video":  # Llava's template, sized for the tiny vision tower's 16 image tokens
+            args["prompt_template"] = _hvi2v_prompt_template()
     return args
 
 # Words a simple video prompt uses, plus the words of HunyuanVideo's default
@@ -399,6 +412,8 @@ def _build_cogvideox(variant: str, seed: int):
 
 
 def _build_hunyuan_video(variant: str, seed: int):
+    if variant == "i2v":
+        return _build_hunyuan_video_i2v(seed)
     from diffusers import (
         AutoencoderKLHunyuanVideo,
         FlowMatchEulerDiscreteScheduler,
@@ -490,6 +505,161 @@ def _build_hunyuan_video(variant: str, seed: int):
     )
 
 
+# --- HunyuanVideo image-to-video (HunyuanVideo-I2V) --------------------------------------------
+
+_HVI2V_IMAGE_SIZE, _HVI2V_IMAGE_PATCH = 32, 8  # CLIP vision input 32 x 32, 4 x 4 = 16 image tokens (real: 336 / 14 -> 576)
+_HVI2V_IMAGE_TOKENS = (_HVI2V_IMAGE_SIZE // _HVI2V_IMAGE_PATCH) ** 2
+_HVI2V_IMAGE_TOKEN = "<image>"
+
+
+def _hvi2v_prompt_template() -> dict:
+    """The pipeline's default template (crop_start 103, image_emb_start 5) sized for our 16 image tokens (it
+    hard-codes the real CLIP ViT-L/14's 576); :func:`demo_call_args` passes it."""
+    from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video_image2video import DEFAULT_PROMPT_TEMPLATE
+
+    start = DEFAULT_PROMPT_TEMPLATE["image_emb_start"]  # 5: <image>'s index, also with the local tokenizer
+    # a plain dict: the pipeline's check_inputs refuses anything else
+    return {**DEFAULT_PROMPT_TEMPLATE, "image_emb_len": _HVI2V_IMAGE_TOKENS, "image_emb_end": start + _HVI2V_IMAGE_TOKENS}
+
+
+def _build_hunyuan_video_i2v(seed: int, image_condition_type: str = "token_replace"):
+    """A tiny ``HunyuanVideoImageToVideoPipeline``; every weight is a pure function of ``seed``."""
+    from diffusers import (
+        AutoencoderKLHunyuanVideo,
+        FlowMatchEulerDiscreteScheduler,
+        HunyuanVideoImageToVideoPipeline,
+        HunyuanVideoTransformer3DModel,
+    )
+    from tokenizers import AddedToken
+    from transformers import (
+        CLIPTextConfig,
+        CLIPTextModel,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+    )
+
+    try:  # the PIL one: without torchvision, newer transformers fall back to it with a warning
+        from transformers import CLIPImageProcessorPil as CLIPImageProcessor
+    except ImportError:
+        from transformers import CLIPImageProcessor
+
+    if image_condition_type not in ("token_replace", "latent_concat"):
+        raise ValueError(f"image_condition_type: 'token_replace' or 'latent_concat', not {image_condition_type!r}")
+
+    tokenizer = build_tokenizer("llama")
+    # Llava's image placeholder: a new id after the frozen vocabulary (the other ids are unchanged)
+    tokenizer.add_tokens([AddedToken(_HVI2V_IMAGE_TOKEN, special=True, normalized=False)], special_tokens=True)
+    tokenizer_2 = build_tokenizer("clip")
+    llama_dim, clip_dim, vision_dim = 32, 32, 16
+    llama_config = LlamaConfig(
+        vocab_size=len(tokenizer),  # includes <image>
+        hidden_size=llama_dim,
+        intermediate_size=64,
+        # the pipeline reads hidden_states[-3]: with 3 layers that is layer 1's output, not the embeddings
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        use_cache=False,
+    )
+    vision_config = CLIPVisionConfig(
+        hidden_size=vision_dim,  # distinct from the Llama width: the projector really maps
+        intermediate_size=32,
+        projection_dim=vision_dim,
+        num_hidden_layers=2,  # Llava reads hidden_states[-2]: layer 1's output
+        num_attention_heads=2,
+        image_size=_HVI2V_IMAGE_SIZE,
+        patch_size=_HVI2V_IMAGE_PATCH,
+    )
+    llava_config = LlavaConfig(
+        vision_config=vision_config,
+        text_config=llama_config,
+        image_token_index=tokenizer.convert_tokens_to_ids(_HVI2V_IMAGE_TOKEN),
+        image_seq_length=_HVI2V_IMAGE_TOKENS,
+        # read by the pipeline to mask padding in the expanded ids (LlavaConfig has none by default)
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    text_encoder = _seeded(seed, 1, lambda: LlavaForConditionalGeneration(llava_config))
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": _HVI2V_IMAGE_SIZE}, crop_size={"height": _HVI2V_IMAGE_SIZE, "width": _HVI2V_IMAGE_SIZE}
+    )  # OpenAI CLIP mean / std, bicubic, as the real one
+
+    clip_config = CLIPTextConfig(
+        vocab_size=len(tokenizer_2),
+        hidden_size=clip_dim,
+        intermediate_size=64,
+        projection_dim=clip_dim,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        bos_token_id=tokenizer_2.bos_token_id,
+        eos_token_id=tokenizer_2.eos_token_id,
+        pad_token_id=tokenizer_2.pad_token_id,
+    )
+    text_encoder_2 = _seeded(seed, 2, lambda: CLIPTextModel(clip_config))
+    latent_channels = 4
+    vae = _seeded(
+        seed,
+        3,
+        lambda: AutoencoderKLHunyuanVideo(
+            in_channels=3,
+            out_channels=3,
+            latent_channels=latent_channels,
+            down_block_types=("HunyuanVideoDownBlock3D",) * 3,
+            up_block_types=("HunyuanVideoUpBlock3D",) * 3,
+            block_out_channels=(8, 16, 16),
+            layers_per_block=1,
+            norm_num_groups=4,
+            scaling_factor=0.476986,
+            spatial_compression_ratio=2,
+            temporal_compression_ratio=4,  # the only ratios the HunyuanVideo VAE takes are 4 and 8
+            mid_block_add_attention=True,
+        ),
+    )
+    token_replace = image_condition_type == "token_replace"
+    transformer = _seeded(
+        seed,
+        4,
+        lambda: HunyuanVideoTransformer3DModel(
+            # token_replace: the image latents replace latent frame 0; latent_concat: latents | image | mask
+            in_channels=latent_channels if token_replace else 2 * latent_channels + 1,
+            out_channels=latent_channels,
+            num_attention_heads=4,
+            attention_head_dim=16,
+            num_layers=2,
+            num_single_layers=2,
+            num_refiner_layers=1,
+            mlp_ratio=4.0,
+            patch_size=2,
+            patch_size_t=1,
+            qk_norm="rms_norm",
+            guidance_embeds=token_replace,  # as the real I2V (16ch) and I2V-33ch configs
+            text_embed_dim=llama_dim,
+            pooled_projection_dim=clip_dim,
+            rope_theta=256.0,
+            rope_axes_dim=(4, 6, 6),  # (t, h, w); must sum to attention_head_dim
+            image_condition_type=image_condition_type,
+        ),
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=7.0)  # real I2V "stable" shift
+    assert text_encoder.config.image_token_id == len(tokenizer) - 1
+    return HunyuanVideoImageToVideoPipeline(
+        tokenizer=tokenizer,
+        text_encoder=text_encoder,
+        tokenizer_2=tokenizer_2,
+        text_encoder_2=text_encoder_2,
+        vae=vae,
+        transformer=transformer,
+        scheduler=scheduler,
+        image_processor=image_processor,
+    )
+
+
 # --- Wan 2.1 / 2.2 ----------------------------------------------------------------------------
 
 # Wan 2.1 I2V needs exactly 512 text tokens (see demo_call_args).
@@ -505,7 +675,7 @@ _WAN_IMAGE_DIM = 32  # CLIP vision hidden size = transformer image_dim (real: 12
 # Real values; with 4 UniPC steps at the flow shifts below both experts run (2 steps each).
 _WAN_BOUNDARY = {"2.2": 0.875, "2.2-i2v": 0.9}
 # Flow shifts of the real configs: Wan 2.1 at 480p and Wan 2.2 A14B T2V / I2V.
-_WAN_FLOW_SHIFT = {"2.1": 3.0, "2.1-i2v": 3.0, "2.2": 12.0, "2.2-i2v": 5.0}
+_WAN_FLOW_SHIFT = {"2.1": 3.0, "2.1-i2v": 3.0, "2.2": 12.0, "2.2-i2v": 5.0, "2.1-vace": 3.0}
 
 
 def demo_image(size: int = 32):
@@ -565,13 +735,15 @@ def _wan_vae(seed: int):
     )
 
 
-def _wan_transformer(seed: int, offset: int, in_channels: int, image_dim: int | None):
-    from diffusers import WanTransformer3DModel
+def _wan_transformer(seed: int, offset: int, in_channels: int, image_dim: int | None, vace: bool = False):
+    from diffusers import WanTransformer3DModel, WanVACETransformer3DModel
 
+    extra = dict(vace_layers=[0], vace_in_channels=2 * _WAN_Z_DIM + _WAN_SPATIAL**2) if vace else {}
     return _seeded(
         seed,
         offset,
-        lambda: WanTransformer3DModel(
+        lambda: (WanVACETransformer3DModel if vace else WanTransformer3DModel)(
+            **extra,
             patch_size=(1, 2, 2),
             num_attention_heads=4,
             attention_head_dim=16,  # RoPE splits it t 8 + h 4 + w 4 (h = w = 2 * (16 // 6)), all even
@@ -663,6 +835,13 @@ def _build_wan(variant: str, seed: int):
         transformer_2=transformer_2,
         boundary_ratio=_WAN_BOUNDARY.get(variant),
     )
+    if variant == "2.1-vace":
+        from diffusers import WanVACEPipeline
+
+        # the control branch: one VACE block whose hint joins after block 0; its input is the inactive and
+        # reactive latents and the mask folded into VAE-space patches: z + z + spatial^2 channels
+        common["transformer"] = _wan_transformer(seed, 6, in_channels, image_dim, vace=True)
+        return WanVACEPipeline(**common)
     if not i2v:
         return WanPipeline(**common)
 
@@ -891,10 +1070,12 @@ def build_embedded_pipeline(
             (sin-cos positions, no RoPE), ``"1.5"`` (RoPE with
             ``patch_size_t=2``) or ``"5b-i2v"`` (a ``CogVideoXImageToVideoPipeline``
             with learned positions sized for the demo call).
-            ``"hunyuan-video"`` has one variant, ``"t2v"``.
+            ``"hunyuan-video"``: ``"t2v"`` or ``"i2v"`` (a
+            ``HunyuanVideoImageToVideoPipeline`` with token replacement).
             ``"hunyuan-video-1.5"``: ``"t2v"`` or ``"i2v"``.
             ``"wan"``: ``"2.1"`` (the default), ``"2.2"`` (two experts),
-            ``"2.1-i2v"``, ``"2.2-i2v"``; see the module docstring.
+            ``"2.1-i2v"``, ``"2.2-i2v"``, ``"2.1-vace"`` (a ``WanVACEPipeline``);
+            see the module docstring.
         seed: every weight is a function of it; the caller's RNG state is left alone.
         dtype: the modules' dtype (they are built in float32, then cast). All
             modules are in eval mode with ``requires_grad`` off.
