@@ -312,27 +312,17 @@ def _seeded(seed: int, offset: int, make):
     return module.eval().requires_grad_(False)
 
 
-def _build_cogvideox(variant: str, seed: int):
-    from diffusers import (
-        AutoencoderKLCogVideoX,
-        CogVideoXDDIMScheduler,
-        CogVideoXImageToVideoPipeline,
-        CogVideoXPipeline,
-        CogVideoXTransformer3DModel,
-    )
-    from transformers import T5Config, T5EncoderModel
+def _t5_encoder(seed: int, offset: int, tokenizer, width: int, heads: int, *, umt5: bool = False):
+    """A 2-layer T5 (or UMT5) encoder of ``width`` for ``tokenizer`` (T5's, ByT5's and UMT5's stand-in)."""
+    from transformers import T5Config, T5EncoderModel, UMT5Config, UMT5EncoderModel
 
-    is_v15 = variant == "1.5"
-    is_i2v = variant == "5b-i2v"  # the image latents join the noisy ones on channels
-    tokenizer = build_tokenizer("t5")
-    text_dim = 32
-    t5_config = T5Config(
+    config = (UMT5Config if umt5 else T5Config)(
         vocab_size=len(tokenizer),
-        d_model=text_dim,
+        d_model=width,
         d_kv=8,
-        d_ff=64,
+        d_ff=2 * width,
         num_layers=2,
-        num_heads=4,
+        num_heads=heads,
         relative_attention_num_buckets=8,
         relative_attention_max_distance=32,
         feed_forward_proj="gated-gelu",
@@ -342,7 +332,23 @@ def _build_cogvideox(variant: str, seed: int):
         eos_token_id=tokenizer.eos_token_id,
         decoder_start_token_id=tokenizer.pad_token_id,
     )
-    text_encoder = _seeded(seed, 1, lambda: T5EncoderModel(t5_config))
+    return _seeded(seed, offset, lambda: (UMT5EncoderModel if umt5 else T5EncoderModel)(config))
+
+
+def _build_cogvideox(variant: str, seed: int):
+    from diffusers import (
+        AutoencoderKLCogVideoX,
+        CogVideoXDDIMScheduler,
+        CogVideoXImageToVideoPipeline,
+        CogVideoXPipeline,
+        CogVideoXTransformer3DModel,
+    )
+
+    is_v15 = variant == "1.5"
+    is_i2v = variant == "5b-i2v"  # the image latents join the noisy ones on channels
+    tokenizer = build_tokenizer("t5")
+    text_dim = 32
+    text_encoder = _t5_encoder(seed, 1, tokenizer, text_dim, 4)
 
     spatial_ratio, temporal_ratio = 2, 2
     vae = _seeded(
@@ -411,18 +417,72 @@ def _build_cogvideox(variant: str, seed: int):
     return pipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=scheduler)
 
 
+# HunyuanVideo-I2V: a CLIP vision input of 32 x 32 in 8 x 8 patches, 16 image tokens (real: 336 / 14 -> 576)
+_HVI2V_IMAGE_SIZE, _HVI2V_IMAGE_PATCH = 32, 8
+_HVI2V_IMAGE_TOKENS = (_HVI2V_IMAGE_SIZE // _HVI2V_IMAGE_PATCH) ** 2
+_HVI2V_IMAGE_TOKEN = "<image>"
+
+
+def _hvi2v_prompt_template() -> dict:
+    """The pipeline's default template (crop_start 103, image_emb_start 5) sized for our 16 image tokens (it
+    hard-codes the real CLIP ViT-L/14's 576); :func:`demo_call_args` passes it."""
+    from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video_image2video import DEFAULT_PROMPT_TEMPLATE
+
+    start = DEFAULT_PROMPT_TEMPLATE["image_emb_start"]  # 5: <image>'s index, also with the local tokenizer
+    # a plain dict: the pipeline's check_inputs refuses anything else
+    return {**DEFAULT_PROMPT_TEMPLATE, "image_emb_len": _HVI2V_IMAGE_TOKENS, "image_emb_end": start + _HVI2V_IMAGE_TOKENS}
+
+
+def _hvi2v_llava(seed: int, tokenizer, llama_config):
+    """HunyuanVideo-I2V's prompt encoder: a tiny CLIP vision tower (16 image features, CLS dropped as Llava's
+    default strategy) projected into the Llama, and its image processor."""
+    from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    try:  # the PIL one: without torchvision, newer transformers fall back to it with a warning
+        from transformers import CLIPImageProcessorPil as CLIPImageProcessor
+    except ImportError:
+        from transformers import CLIPImageProcessor
+
+    vision_config = CLIPVisionConfig(
+        hidden_size=16,  # distinct from the Llama width: the projector really maps
+        intermediate_size=32,
+        projection_dim=16,
+        num_hidden_layers=2,  # Llava reads hidden_states[-2]: layer 1's output
+        num_attention_heads=2,
+        image_size=_HVI2V_IMAGE_SIZE,
+        patch_size=_HVI2V_IMAGE_PATCH,
+    )
+    llava_config = LlavaConfig(
+        vision_config=vision_config,
+        text_config=llama_config,
+        image_token_index=tokenizer.convert_tokens_to_ids(_HVI2V_IMAGE_TOKEN),
+        image_seq_length=_HVI2V_IMAGE_TOKENS,
+        pad_token_id=tokenizer.pad_token_id,  # read by the pipeline to mask padding (LlavaConfig has none)
+    )
+    text_encoder = _seeded(seed, 1, lambda: LlavaForConditionalGeneration(llava_config))
+    image_processor = CLIPImageProcessor(  # OpenAI CLIP mean / std, bicubic, as the real one
+        size={"shortest_edge": _HVI2V_IMAGE_SIZE}, crop_size={"height": _HVI2V_IMAGE_SIZE, "width": _HVI2V_IMAGE_SIZE}
+    )
+    return text_encoder, image_processor
+
+
 def _build_hunyuan_video(variant: str, seed: int):
-    if variant == "i2v":
-        return _build_hunyuan_video_i2v(seed)
+    """``"t2v"``: a ``HunyuanVideoPipeline``; ``"i2v"``: a ``HunyuanVideoImageToVideoPipeline`` as
+    HunyuanVideo-I2V (token replacement), whose prompt encoder is a tiny Llava around the same Llama."""
     from diffusers import (
         AutoencoderKLHunyuanVideo,
         FlowMatchEulerDiscreteScheduler,
+        HunyuanVideoImageToVideoPipeline,
         HunyuanVideoPipeline,
         HunyuanVideoTransformer3DModel,
     )
+    from tokenizers import AddedToken
     from transformers import CLIPTextConfig, CLIPTextModel, LlamaConfig, LlamaModel
 
+    i2v = variant == "i2v"
     tokenizer = build_tokenizer("llama")
+    if i2v:  # Llava's image placeholder: a new id after the frozen vocabulary (the other ids are unchanged)
+        tokenizer.add_tokens([AddedToken(_HVI2V_IMAGE_TOKEN, special=True, normalized=False)], special_tokens=True)
     tokenizer_2 = build_tokenizer("clip")
     llama_dim, clip_dim = 32, 32
     llama_config = LlamaConfig(
@@ -439,7 +499,10 @@ def _build_hunyuan_video(variant: str, seed: int):
         pad_token_id=tokenizer.pad_token_id,
         use_cache=False,
     )
-    text_encoder = _seeded(seed, 1, lambda: LlamaModel(llama_config))
+    if i2v:
+        text_encoder, image_processor = _hvi2v_llava(seed, tokenizer, llama_config)
+    else:
+        text_encoder = _seeded(seed, 1, lambda: LlamaModel(llama_config))
     clip_config = CLIPTextConfig(
         vocab_size=len(tokenizer_2),
         hidden_size=clip_dim,
@@ -491,173 +554,16 @@ def _build_hunyuan_video(variant: str, seed: int):
             pooled_projection_dim=clip_dim,
             rope_theta=256.0,
             rope_axes_dim=(4, 6, 6),  # (t, h, w); must sum to attention_head_dim
+            # HunyuanVideo-I2V: the image latents replace latent frame 0 (its token-replacement blocks)
+            image_condition_type="token_replace" if i2v else None,
         ),
     )
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=7.0)
-    return HunyuanVideoPipeline(
-        tokenizer=tokenizer,
-        text_encoder=text_encoder,
-        tokenizer_2=tokenizer_2,
-        text_encoder_2=text_encoder_2,
-        vae=vae,
-        transformer=transformer,
-        scheduler=scheduler,
-    )
-
-
-# --- HunyuanVideo image-to-video (HunyuanVideo-I2V) --------------------------------------------
-
-_HVI2V_IMAGE_SIZE, _HVI2V_IMAGE_PATCH = 32, 8  # CLIP vision input 32 x 32, 4 x 4 = 16 image tokens (real: 336 / 14 -> 576)
-_HVI2V_IMAGE_TOKENS = (_HVI2V_IMAGE_SIZE // _HVI2V_IMAGE_PATCH) ** 2
-_HVI2V_IMAGE_TOKEN = "<image>"
-
-
-def _hvi2v_prompt_template() -> dict:
-    """The pipeline's default template (crop_start 103, image_emb_start 5) sized for our 16 image tokens (it
-    hard-codes the real CLIP ViT-L/14's 576); :func:`demo_call_args` passes it."""
-    from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video_image2video import DEFAULT_PROMPT_TEMPLATE
-
-    start = DEFAULT_PROMPT_TEMPLATE["image_emb_start"]  # 5: <image>'s index, also with the local tokenizer
-    # a plain dict: the pipeline's check_inputs refuses anything else
-    return {**DEFAULT_PROMPT_TEMPLATE, "image_emb_len": _HVI2V_IMAGE_TOKENS, "image_emb_end": start + _HVI2V_IMAGE_TOKENS}
-
-
-def _build_hunyuan_video_i2v(seed: int, image_condition_type: str = "token_replace"):
-    """A tiny ``HunyuanVideoImageToVideoPipeline``; every weight is a pure function of ``seed``."""
-    from diffusers import (
-        AutoencoderKLHunyuanVideo,
-        FlowMatchEulerDiscreteScheduler,
-        HunyuanVideoImageToVideoPipeline,
-        HunyuanVideoTransformer3DModel,
-    )
-    from tokenizers import AddedToken
-    from transformers import (
-        CLIPTextConfig,
-        CLIPTextModel,
-        CLIPVisionConfig,
-        LlamaConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-    )
-
-    try:  # the PIL one: without torchvision, newer transformers fall back to it with a warning
-        from transformers import CLIPImageProcessorPil as CLIPImageProcessor
-    except ImportError:
-        from transformers import CLIPImageProcessor
-
-    if image_condition_type not in ("token_replace", "latent_concat"):
-        raise ValueError(f"image_condition_type: 'token_replace' or 'latent_concat', not {image_condition_type!r}")
-
-    tokenizer = build_tokenizer("llama")
-    # Llava's image placeholder: a new id after the frozen vocabulary (the other ids are unchanged)
-    tokenizer.add_tokens([AddedToken(_HVI2V_IMAGE_TOKEN, special=True, normalized=False)], special_tokens=True)
-    tokenizer_2 = build_tokenizer("clip")
-    llama_dim, clip_dim, vision_dim = 32, 32, 16
-    llama_config = LlamaConfig(
-        vocab_size=len(tokenizer),  # includes <image>
-        hidden_size=llama_dim,
-        intermediate_size=64,
-        # the pipeline reads hidden_states[-3]: with 3 layers that is layer 1's output, not the embeddings
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        use_cache=False,
-    )
-    vision_config = CLIPVisionConfig(
-        hidden_size=vision_dim,  # distinct from the Llama width: the projector really maps
-        intermediate_size=32,
-        projection_dim=vision_dim,
-        num_hidden_layers=2,  # Llava reads hidden_states[-2]: layer 1's output
-        num_attention_heads=2,
-        image_size=_HVI2V_IMAGE_SIZE,
-        patch_size=_HVI2V_IMAGE_PATCH,
-    )
-    llava_config = LlavaConfig(
-        vision_config=vision_config,
-        text_config=llama_config,
-        image_token_index=tokenizer.convert_tokens_to_ids(_HVI2V_IMAGE_TOKEN),
-        image_seq_length=_HVI2V_IMAGE_TOKENS,
-        # read by the pipeline to mask padding in the expanded ids (LlavaConfig has none by default)
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    text_encoder = _seeded(seed, 1, lambda: LlavaForConditionalGeneration(llava_config))
-    image_processor = CLIPImageProcessor(
-        size={"shortest_edge": _HVI2V_IMAGE_SIZE}, crop_size={"height": _HVI2V_IMAGE_SIZE, "width": _HVI2V_IMAGE_SIZE}
-    )  # OpenAI CLIP mean / std, bicubic, as the real one
-
-    clip_config = CLIPTextConfig(
-        vocab_size=len(tokenizer_2),
-        hidden_size=clip_dim,
-        intermediate_size=64,
-        projection_dim=clip_dim,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=77,
-        bos_token_id=tokenizer_2.bos_token_id,
-        eos_token_id=tokenizer_2.eos_token_id,
-        pad_token_id=tokenizer_2.pad_token_id,
-    )
-    text_encoder_2 = _seeded(seed, 2, lambda: CLIPTextModel(clip_config))
-    latent_channels = 4
-    vae = _seeded(
-        seed,
-        3,
-        lambda: AutoencoderKLHunyuanVideo(
-            in_channels=3,
-            out_channels=3,
-            latent_channels=latent_channels,
-            down_block_types=("HunyuanVideoDownBlock3D",) * 3,
-            up_block_types=("HunyuanVideoUpBlock3D",) * 3,
-            block_out_channels=(8, 16, 16),
-            layers_per_block=1,
-            norm_num_groups=4,
-            scaling_factor=0.476986,
-            spatial_compression_ratio=2,
-            temporal_compression_ratio=4,  # the only ratios the HunyuanVideo VAE takes are 4 and 8
-            mid_block_add_attention=True,
-        ),
-    )
-    token_replace = image_condition_type == "token_replace"
-    transformer = _seeded(
-        seed,
-        4,
-        lambda: HunyuanVideoTransformer3DModel(
-            # token_replace: the image latents replace latent frame 0; latent_concat: latents | image | mask
-            in_channels=latent_channels if token_replace else 2 * latent_channels + 1,
-            out_channels=latent_channels,
-            num_attention_heads=4,
-            attention_head_dim=16,
-            num_layers=2,
-            num_single_layers=2,
-            num_refiner_layers=1,
-            mlp_ratio=4.0,
-            patch_size=2,
-            patch_size_t=1,
-            qk_norm="rms_norm",
-            guidance_embeds=token_replace,  # as the real I2V (16ch) and I2V-33ch configs
-            text_embed_dim=llama_dim,
-            pooled_projection_dim=clip_dim,
-            rope_theta=256.0,
-            rope_axes_dim=(4, 6, 6),  # (t, h, w); must sum to attention_head_dim
-            image_condition_type=image_condition_type,
-        ),
-    )
-    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=7.0)  # real I2V "stable" shift
-    assert text_encoder.config.image_token_id == len(tokenizer) - 1
-    return HunyuanVideoImageToVideoPipeline(
-        tokenizer=tokenizer,
-        text_encoder=text_encoder,
-        tokenizer_2=tokenizer_2,
-        text_encoder_2=text_encoder_2,
-        vae=vae,
-        transformer=transformer,
-        scheduler=scheduler,
-        image_processor=image_processor,
-    )
+    components = dict(tokenizer=tokenizer, text_encoder=text_encoder, tokenizer_2=tokenizer_2,
+                      text_encoder_2=text_encoder_2, vae=vae, transformer=transformer, scheduler=scheduler)
+    if i2v:
+        return HunyuanVideoImageToVideoPipeline(**components, image_processor=image_processor)
+    return HunyuanVideoPipeline(**components)
 
 
 # --- Wan 2.1 / 2.2 ----------------------------------------------------------------------------
@@ -688,28 +594,6 @@ def demo_image(size: int = 32):
     q = size // 4
     rgb[q : 2 * q, q : 2 * q] = (255, 255, 255)
     return Image.fromarray(rgb.astype(np.uint8))  # H x W x 3 uint8: RGB
-
-
-def _wan_text_encoder(tokenizer, seed: int):
-    from transformers import UMT5Config, UMT5EncoderModel
-
-    config = UMT5Config(
-        vocab_size=len(tokenizer),
-        d_model=_WAN_TEXT_DIM,
-        d_kv=8,
-        d_ff=64,
-        num_layers=2,
-        num_heads=4,
-        relative_attention_num_buckets=8,
-        relative_attention_max_distance=32,
-        feed_forward_proj="gated-gelu",
-        is_encoder_decoder=False,
-        use_cache=False,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        decoder_start_token_id=tokenizer.pad_token_id,
-    )
-    return _seeded(seed, 1, lambda: UMT5EncoderModel(config))
 
 
 def _wan_vae(seed: int):
@@ -810,7 +694,7 @@ def _build_wan(variant: str, seed: int):
     two_experts = variant.startswith("2.2")
 
     tokenizer = build_tokenizer("t5")  # stands in for UMT5's (pad 0, </s> 1 appended)
-    text_encoder = _wan_text_encoder(tokenizer, seed)
+    text_encoder = _t5_encoder(seed, 1, tokenizer, _WAN_TEXT_DIM, 4, umt5=True)
     vae = _wan_vae(seed)
 
     # I2V input = [noisy latents (z) | first-frame mask (TEMPORAL channels) | condition latents (z)]
@@ -883,7 +767,7 @@ def _hv15_template_prefix_len(tokenizer, system_message: str) -> int:
 
 
 def _hv15_text_encoders(seed: int):
-    from transformers import Qwen2_5_VLTextConfig, Qwen2_5_VLTextModel, T5Config, T5EncoderModel
+    from transformers import Qwen2_5_VLTextConfig, Qwen2_5_VLTextModel
 
     tokenizer = build_tokenizer("llama")  # stands in for Qwen2Tokenizer (byte-level BPE chat tokenizer)
     tokenizer.chat_template = _HV15_CHAT_TEMPLATE
@@ -908,23 +792,8 @@ def _hv15_text_encoders(seed: int):
     # ByT5 stand-in: the word-level "t5" tokenizer (pad 0, </s> 1, unk 2 as T5/ByT5); the pipeline
     # only calls tokenizer_2(text, padding="max_length", max_length=..., truncation=True, ...)
     tokenizer_2 = build_tokenizer("t5")
-    t5_config = T5Config(
-        vocab_size=len(tokenizer_2),
-        d_model=24,  # distinct from the other encoders' widths, so any miswiring fails loudly
-        d_kv=8,
-        d_ff=48,
-        num_layers=2,
-        num_heads=3,
-        relative_attention_num_buckets=8,
-        relative_attention_max_distance=32,
-        feed_forward_proj="gated-gelu",
-        is_encoder_decoder=False,
-        use_cache=False,
-        pad_token_id=tokenizer_2.pad_token_id,
-        eos_token_id=tokenizer_2.eos_token_id,
-        decoder_start_token_id=tokenizer_2.pad_token_id,
-    )
-    text_encoder_2 = _seeded(seed, 2, lambda: T5EncoderModel(t5_config))
+    # width 24: distinct from the other encoders' widths, so any miswiring fails loudly
+    text_encoder_2 = _t5_encoder(seed, 2, tokenizer_2, 24, 3)
     return tokenizer, text_encoder, tokenizer_2, text_encoder_2
 
 
