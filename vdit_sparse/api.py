@@ -13,7 +13,7 @@ Example::
 
 What it changes: the processors of the transformer's self-attention modules
 (swapped for routing processors that keep the originals), a PyTorch forward
-pre-hook on the transformer that turns each forward's inputs into a
+pre-hook on each transformer (Wan 2.2 has two) that turns each forward's inputs into a
 :class:`~vdit_sparse.context.StepContext`, a diffusers ``ModelHook`` on the
 first attention module that hears the end of every pipeline call, for a
 method that computes feed-forwards a ``ModelHook`` on each feed-forward
