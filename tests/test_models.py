@@ -140,3 +140,16 @@ def test_a_profile_for_another_family_or_size_is_refused_by_name(model):
         accelerate_pipeline(pipe, OTHER_FAMILY[family])
     with pytest.raises(ProfileError, match="40 attention layers"):
         accelerate_pipeline(pipe, {"model": {"family": family, "num_layers": 40}, "method": "dense"})
+
+
+def test_the_adapter_decodes_final_latents_as_the_pipeline_does(model, dense_latents):
+    """What the quality harness decodes (the adapter's decode_latents) equals the pipeline's own decoded frames."""
+    from conftest import PROMPT, embedded_kind
+    from vdit_sparse.embedded import demo_call_args
+    from vdit_sparse.evaluate import _decode_latents
+
+    _, _, pipe = model
+    call_args = demo_call_args(*embedded_kind(pipe))
+    frames = pipe(prompt=PROMPT, generator=torch.Generator().manual_seed(0), output_type="np", **call_args).frames
+    torch.testing.assert_close(torch.as_tensor(_decode_latents(pipe, dense_latents, call_args)), torch.as_tensor(frames),
+                               rtol=0, atol=1e-5)
