@@ -22,11 +22,14 @@ from vdit_sparse.embedded import build_embedded_pipeline
 STEPS = 4  # DEMO_CALL_ARGS' num_inference_steps
 PROFILE = {"name": "window-0", "method": "sliding_frames",
            "params": {"window_frames": 0, "block_size": 16, "backend": "reference"}}
-FAMILIES = ["cogvideox", "hunyuan-video"]
+# Wan 2.2: two experts, each called for the conditional and the unconditional branch, with 2 layers each:
+# STEPS x num_layers attention calls a run, as for the others.
+FAMILIES = ["cogvideox", "hunyuan-video", "wan-2.2"]
 
 
 def fresh_pipe(family: str):
-    pipe = build_embedded_pipeline(family, seed=0)
+    family, _, variant = family.partition("-2.")
+    pipe = build_embedded_pipeline(family, variant=f"2.{variant}" if variant else None, seed=0)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
