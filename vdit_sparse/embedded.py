@@ -472,7 +472,6 @@ def _build_hunyuan_video(variant: str, seed: int):
     from diffusers import (
         AutoencoderKLHunyuanVideo,
         FlowMatchEulerDiscreteScheduler,
-        HunyuanVideoImageToVideoPipeline,
         HunyuanVideoPipeline,
         HunyuanVideoTransformer3DModel,
     )
@@ -562,6 +561,8 @@ def _build_hunyuan_video(variant: str, seed: int):
     components = dict(tokenizer=tokenizer, text_encoder=text_encoder, tokenizer_2=tokenizer_2,
                       text_encoder_2=text_encoder_2, vae=vae, transformer=transformer, scheduler=scheduler)
     if i2v:
+        from diffusers import HunyuanVideoImageToVideoPipeline  # here: its module makes transformers warn without torchvision
+
         return HunyuanVideoImageToVideoPipeline(**components, image_processor=image_processor)
     return HunyuanVideoPipeline(**components)
 
@@ -688,7 +689,7 @@ def _build_wan(variant: str, seed: int):
     """``"2.1"`` / ``"2.2"``: ``WanPipeline`` with one or two experts; ``"2.1-i2v"`` / ``"2.2-i2v"``:
     ``WanImageToVideoPipeline``, 2.1 with a CLIP image encoder feeding cross-attention, 2.2 without and with two
     experts."""
-    from diffusers import UniPCMultistepScheduler, WanImageToVideoPipeline, WanPipeline
+    from diffusers import UniPCMultistepScheduler, WanPipeline
 
     i2v = variant.endswith("-i2v")
     two_experts = variant.startswith("2.2")
@@ -728,6 +729,8 @@ def _build_wan(variant: str, seed: int):
         return WanVACEPipeline(**common)
     if not i2v:
         return WanPipeline(**common)
+
+    from diffusers import WanImageToVideoPipeline  # imported here: its module makes transformers warn without torchvision
 
     image_encoder, image_processor = _wan_image_encoder(seed) if variant == "2.1-i2v" else (None, None)
     return WanImageToVideoPipeline(image_encoder=image_encoder, image_processor=image_processor, **common)
