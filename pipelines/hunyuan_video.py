@@ -20,7 +20,7 @@ from vdit_sparse.geometry import LatentGrid, TokenLayout
 
 from .base import FeedForwardSite, PipelineAdapter, RoutingProcessor, gelu_feed_forward_site
 
-__all__ = ["HunyuanVideoAdapter"]
+__all__ = ["HunyuanVideoAdapter", "joint_attention"]
 
 
 class HunyuanVideoAdapter(PipelineAdapter):
@@ -98,48 +98,64 @@ class HunyuanVideoSparseProcessor(RoutingProcessor):
         if call is None:
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
 
-        from diffusers.models.embeddings import apply_rotary_emb
+        return joint_attention(attn, hidden_states, encoder_hidden_states, image_rotary_emb,
+                               lambda q, k, v: self.dispatcher.attend(q, k, v, call))
 
-        text_length = encoder_hidden_states.shape[1]
-        single_stream = attn.add_q_proj is None
-        if single_stream:
-            hidden_states = torch.cat([hidden_states, encoder_hidden_states], dim=1)
-        query = attn.to_q(hidden_states).unflatten(2, (attn.heads, -1))
-        key = attn.to_k(hidden_states).unflatten(2, (attn.heads, -1))
-        value = attn.to_v(hidden_states).unflatten(2, (attn.heads, -1))
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
-        if image_rotary_emb is not None:
-            if single_stream:  # RoPE on the video part only
 
-                def rotate_video(x):
-                    video = apply_rotary_emb(x[:, :-text_length], image_rotary_emb, sequence_dim=1)
-                    return torch.cat([video, x[:, -text_length:]], dim=1)
+def joint_attention(attn, hidden_states, encoder_hidden_states, image_rotary_emb, attend, text_valid=None):
+    """(video output, text output) of one HunyuanVideo (or 1.5) attention over ``[video | text]`` with ``attend``
+    (q, k, v ``(B, H, S, D)`` -> output) in place of SDPA; q, k, v as the model's processors compute them.
 
-                query, key = rotate_video(query), rotate_video(key)
-            else:
-                query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
-                key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
-        if not single_stream:
-            text_q = attn.add_q_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
-            text_k = attn.add_k_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
-            text_v = attn.add_v_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
-            if attn.norm_added_q is not None:
-                text_q = attn.norm_added_q(text_q)
-            if attn.norm_added_k is not None:
-                text_k = attn.norm_added_k(text_k)
-            query = torch.cat([query, text_q], dim=1)
-            key = torch.cat([key, text_k], dim=1)
-            value = torch.cat([value, text_v], dim=1)
+    A single-stream block (``attn.add_q_proj`` None) projects the joined
+    sequence once and rotates its video part; a dual-stream block projects
+    video and text apart.  ``text_valid`` ``(B, N_text)``, when given, zeroes
+    the outputs of padded text queries (rows the model's mask leaves without
+    keys) before the output projection.
+    """
+    from diffusers.models.embeddings import apply_rotary_emb
 
-        # (B, S, H, D) -> (B, H, S, D) views for the methods, and back.
-        out = self.dispatcher.attend(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), call)
-        out = out.transpose(1, 2).flatten(2, 3).to(query.dtype)
-        video_out, text_out = out[:, :-text_length], out[:, -text_length:]
-        if getattr(attn, "to_out", None) is not None:
-            video_out = attn.to_out[1](attn.to_out[0](video_out))
-        if getattr(attn, "to_add_out", None) is not None:
-            text_out = attn.to_add_out(text_out)
-        return video_out, text_out
+    text_length = encoder_hidden_states.shape[1]
+    single_stream = attn.add_q_proj is None
+    if single_stream:
+        hidden_states = torch.cat([hidden_states, encoder_hidden_states], dim=1)
+    query = attn.to_q(hidden_states).unflatten(2, (attn.heads, -1))
+    key = attn.to_k(hidden_states).unflatten(2, (attn.heads, -1))
+    value = attn.to_v(hidden_states).unflatten(2, (attn.heads, -1))
+    if attn.norm_q is not None:
+        query = attn.norm_q(query)
+    if attn.norm_k is not None:
+        key = attn.norm_k(key)
+    if image_rotary_emb is not None:
+        if single_stream:  # RoPE on the video part only
+
+            def rotate_video(x):
+                video = apply_rotary_emb(x[:, :-text_length], image_rotary_emb, sequence_dim=1)
+                return torch.cat([video, x[:, -text_length:]], dim=1)
+
+            query, key = rotate_video(query), rotate_video(key)
+        else:
+            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+    if not single_stream:
+        text_q = attn.add_q_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
+        text_k = attn.add_k_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
+        text_v = attn.add_v_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
+        if attn.norm_added_q is not None:
+            text_q = attn.norm_added_q(text_q)
+        if attn.norm_added_k is not None:
+            text_k = attn.norm_added_k(text_k)
+        query = torch.cat([query, text_q], dim=1)
+        key = torch.cat([key, text_k], dim=1)
+        value = torch.cat([value, text_v], dim=1)
+
+    # (B, S, H, D) -> (B, H, S, D) views for the methods, and back.
+    out = attend(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2))
+    out = out.transpose(1, 2).flatten(2, 3).to(query.dtype)
+    video_out, text_out = out[:, :-text_length], out[:, -text_length:]
+    if text_valid is not None:
+        text_out = text_out * text_valid[:, :, None]
+    if getattr(attn, "to_out", None) is not None:
+        video_out = attn.to_out[1](attn.to_out[0](video_out))
+    if getattr(attn, "to_add_out", None) is not None:
+        text_out = attn.to_add_out(text_out)
+    return video_out, text_out

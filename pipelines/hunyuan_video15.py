@@ -21,6 +21,7 @@ import torch
 from vdit_sparse.geometry import LatentGrid, TokenLayout
 
 from .base import PipelineAdapter, RoutingProcessor, gelu_feed_forward_site
+from .hunyuan_video import joint_attention
 
 __all__ = ["HunyuanVideo15Adapter"]
 
@@ -60,10 +61,11 @@ class HunyuanVideo15Adapter(PipelineAdapter):
 
 
 class HunyuanVideo15SparseProcessor(RoutingProcessor):
-    """Routes one HunyuanVideo 1.5 attention layer; q, k, v as ``HunyuanVideo15AttnProcessor2_0`` computes them."""
+    """Routes one HunyuanVideo 1.5 attention layer: a dual-stream layer as HunyuanVideo's (the same projections,
+    norms and RoPE as ``HunyuanVideo15AttnProcessor2_0``), with its padded text queries zeroed."""
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
-        call = padding = None
+        call = None
         if encoder_hidden_states is not None and attention_mask is not None:
             text_length = encoder_hidden_states.shape[1]
             if attention_mask.shape != (hidden_states.shape[0], text_length):
@@ -74,33 +76,5 @@ class HunyuanVideo15SparseProcessor(RoutingProcessor):
             call = self.dispatcher.route(self.layer_index, hidden_states.shape[0], attn.heads, padding)
         if call is None:
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
-
-        from diffusers.models.embeddings import apply_rotary_emb
-
-        def heads(x):
-            return x.unflatten(2, (attn.heads, -1))
-
-        query, key, value = heads(attn.to_q(hidden_states)), heads(attn.to_k(hidden_states)), heads(attn.to_v(hidden_states))
-        query, key = attn.norm_q(query), attn.norm_k(key)
-        if image_rotary_emb is not None:
-            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
-            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
-        text_q = heads(attn.add_q_proj(encoder_hidden_states))
-        text_k = heads(attn.add_k_proj(encoder_hidden_states))
-        text_v = heads(attn.add_v_proj(encoder_hidden_states))
-        if attn.norm_added_q is not None:
-            text_q = attn.norm_added_q(text_q)
-        if attn.norm_added_k is not None:
-            text_k = attn.norm_added_k(text_k)
-        query, key, value = (torch.cat(pair, dim=1) for pair in ((query, text_q), (key, text_k), (value, text_v)))
-
-        # (B, S, H, D) -> (B, H, S, D) views for the methods, and back.
-        out = self.dispatcher.attend(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), call)
-        out = out.transpose(1, 2).flatten(2, 3).to(query.dtype)
-        video_out, text_out = out[:, :-text_length], out[:, -text_length:]
-        text_out = text_out * padding[:, -text_length:, None]  # padded text queries: zeros, as rows seeing no key
-        if getattr(attn, "to_out", None) is not None:
-            video_out = attn.to_out[1](attn.to_out[0](video_out))
-        if getattr(attn, "to_add_out", None) is not None:
-            text_out = attn.to_add_out(text_out)
-        return video_out, text_out
+        return joint_attention(attn, hidden_states, encoder_hidden_states, image_rotary_emb,
+                               lambda q, k, v: self.dispatcher.attend(q, k, v, call), text_valid=attention_mask.bool())
