@@ -185,17 +185,8 @@ class _FeedForwardHook(ModelHook):
         self.handle, self.site, self.method = handle, site, method
 
     def new_forward(self, module, hidden_states, *args, **kwargs):
-        output = self._method_output(hidden_states)
+        output = self.handle._feed_forward(self.site, self.method, hidden_states)
         return output if output is not None else self.fn_ref.original_forward(hidden_states, *args, **kwargs)
-
-    @torch.compiler.disable
-    def _method_output(self, hidden_states):
-        step = self.handle._step
-        if step is not None and not self.handle._removed:
-            key = (self.site.layer_index, step.call_kind, "feed_forward", self.site.stream)
-            call = FeedForwardCall(self.site.layer_index, self.site.stream, step, self.handle.state.slot(key))
-            return self.method.feed_forward(self.site, hidden_states, call)
-        return None
 
 
 class _InlinedFeedForward:
@@ -204,8 +195,7 @@ class _InlinedFeedForward:
     computes its other features' share and adds the method's result."""
 
     def __init__(self, handle: "AccelerationHandle", site: Any, method: AttentionMethod):
-        self.hook = _FeedForwardHook(handle, site, method)
-        self.site = site
+        self.handle, self.site, self.method = handle, site, method
         self.pending: torch.Tensor | None = None  # the method's result, between up and down
         self.inside = False  # the method is running (and calls the three parts itself)
 
@@ -214,7 +204,7 @@ class _InlinedFeedForward:
             return original(x)
         self.inside = True
         try:
-            self.pending = self.hook._method_output(x)
+            self.pending = self.handle._feed_forward(self.site, self.method, x)
         finally:
             self.inside = False
         if self.pending is None:
@@ -478,6 +468,15 @@ class AccelerationHandle:
         for _ in range(self._forward_layers):
             self.stats.record("step_cache", 0.0, batch * self.num_heads, step.layout.seq_len)
         return kept
+
+    @torch.compiler.disable
+    def _feed_forward(self, site, method: AttentionMethod, x: torch.Tensor) -> torch.Tensor | None:
+        """The method's output for feed-forward ``site`` at input ``x``, or None to let the model compute it."""
+        step = self._step
+        if step is None or self._removed:
+            return None
+        state = self.state.slot((site.layer_index, step.call_kind, "feed_forward", site.stream))
+        return method.feed_forward(site, x, FeedForwardCall(site.layer_index, site.stream, step, state))
 
     @torch.compiler.disable
     def _keep_block_output(self, output) -> None:

@@ -92,7 +92,9 @@ class LayerRouting:
                 plan, path = group.method.plan(gq, gk, gv, group_call), group.method.name
             call.stats.record(path, plan.density if own is None else fraction, batch * len(model_heads), seq_len)
             runs.append((group, group_call, select, local, plan, (gq, gk, gv), own))
-        if all(own is not None for *_, own in runs):
+        if len(runs) == 1 and runs[0][-1] is not None:  # one method computed every head itself: its output is it
+            out = runs[0][-1]
+        elif all(own is not None for *_, own in runs):
             out = torch.empty_like(q)
         else:
             if len(runs) == 1:
@@ -101,7 +103,7 @@ class LayerRouting:
                 plan = combine_plans([(local, run_plan_) for _, _, _, local, run_plan_, _, _ in runs], heads, seq_len)
             out = run_plan(q, k, v, plan, call.key_padding_mask, backend)
         for group, group_call, select, _, _, (gq, gk, gv), own in runs:
-            if own is not None:
+            if own is not None and own is not out:
                 out[:, select] = own
             mine = out[:, select]
             finished = group.method.finish(mine, gq, gk, gv, group_call)
