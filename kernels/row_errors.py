@@ -11,7 +11,9 @@ This is how Sparse VideoGen decides whether a head is spatial or temporal
 version (:func:`~vdit_sparse.kernels.reference.masked_row_errors_reference`)
 materialises ``(B, H, R, S)`` scores and three products; this kernel streams
 keys and values once per (batch, head, row block, mask) with an online
-softmax and keeps nothing of size ``S``.  Both round the probabilities to the
+softmax and keeps nothing of size ``S``.  The keys are split into ranges
+that separate programs take in parallel (:func:`key_splits`), and the ranges'
+softmax states are merged afterwards.  Both round the probabilities to the
 value dtype before the product with ``v`` and normalise by the sum of the
 rounded probabilities.
 
@@ -35,30 +37,35 @@ import triton.language as tl
 
 from ._triton_runtime import kernel_for
 
-__all__ = ["masked_row_errors"]
+__all__ = ["key_splits", "masked_row_errors"]
 
 _LOG2_E = 1.4426950408889634
 
 
 @triton.jit
 def _masked_row_errors(
-    Q, K, V, ROWS, MASKS, KEY_VALID, ERR,
+    Q, K, V, ROWS, MASKS, KEY_VALID,
+    M_OUT, L_OUT, ACC_OUT,  # per (program, row): running max, the two sums, the two accumulators
     qk_scale,  # softmax scale * log2(e)
     stride_qb, stride_qh, stride_qs,
     stride_kb, stride_kh, stride_ks,
     stride_vb, stride_vh, stride_vs,
     stride_mm, stride_mr,
     stride_pb,
-    H, S, R,
+    H, S, R, NUM_MASKS, KEYS_PER_SPLIT,
     HEAD_DIM: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_N: tl.constexpr,
     HAS_KEY_PADDING: tl.constexpr,
     DOT_IN_FP32: tl.constexpr,  # CPU interpreter: its bf16 dot is wrong, so dot upcast operands
 ):
-    pid_r = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    pid_m = tl.program_id(2)
+    # Programs that read the same keys (the row blocks and masks of one split) are launched together,
+    # so the later ones find those keys in L2.
+    pid_rm = tl.program_id(0)
+    pid_split = tl.program_id(1)
+    pid_bh = tl.program_id(2)
+    pid_r = pid_rm // NUM_MASKS
+    pid_m = pid_rm % NUM_MASKS
     off_b = (pid_bh // H).to(tl.int64)
     off_h = (pid_bh % H).to(tl.int64)
     offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -79,9 +86,11 @@ def _masked_row_errors(
     l_mask = tl.zeros([BLOCK_R], dtype=tl.float32)
     acc_all = tl.zeros([BLOCK_R, HEAD_DIM], dtype=tl.float32)
     acc_mask = tl.zeros([BLOCK_R, HEAD_DIM], dtype=tl.float32)
-    for start_n in range(0, S, BLOCK_N):
+    split_start = pid_split * KEYS_PER_SPLIT
+    split_end = tl.minimum(split_start + KEYS_PER_SPLIT, S)
+    for start_n in range(split_start, split_end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        key_ok = offs_n < S
+        key_ok = offs_n < split_end
         b_k = tl.load(p_k0 + offs_n[:, None] * stride_ks, mask=key_ok[:, None], other=0.0)
         b_v = tl.load(p_v0 + offs_n[:, None] * stride_vs, mask=key_ok[:, None], other=0.0)
         if DOT_IN_FP32:
@@ -108,14 +117,30 @@ def _masked_row_errors(
         acc_all = tl.dot(b_p, b_v, acc_all * alpha[:, None])
         acc_mask = tl.dot(b_p_mask, b_v, acc_mask * alpha[:, None])
         m_i = m_new
-    # Rows past R have nothing summed: divide by 1 there, and count them as no error.
-    l_all = tl.where(row_ok, l_all, 1.0)
-    l_mask = tl.where(row_ok, l_mask, 1.0)
-    difference = acc_mask / l_mask[:, None] - acc_all / l_all[:, None]
-    difference = tl.where(row_ok[:, None], difference, 0.0)
-    partial = tl.sum(tl.sum(difference * difference, 1), 0)
-    num_row_blocks = tl.num_programs(0)
-    tl.store(ERR + (pid_bh * tl.num_programs(2) + pid_m) * num_row_blocks + pid_r, partial)
+    # This split's partial softmax state, to be merged over splits: sums and accumulators are scaled
+    # by exp2(-m_i) (-inf where the split held no valid key: then they are 0).
+    program = (pid_bh * tl.num_programs(1) + pid_split) * tl.num_programs(0) + pid_rm
+    out_rows = program * BLOCK_R + tl.arange(0, BLOCK_R)
+    tl.store(M_OUT + out_rows, m_i)
+    tl.store(L_OUT + out_rows * 2, l_all)
+    tl.store(L_OUT + out_rows * 2 + 1, l_mask)
+    p_acc = ACC_OUT + out_rows[:, None] * (2 * HEAD_DIM) + offs_d[None, :]
+    tl.store(p_acc, acc_all)
+    tl.store(p_acc + HEAD_DIM, acc_mask)
+
+
+def key_splits(programs: int, seq_len: int, block_n: int, device: torch.device) -> int:
+    """How many key ranges each (row block, batch, head, mask) is split into.
+
+    Without a split, the few programs a layer has (4 row blocks x B x H x 2
+    masks) each stream all ``S`` keys one block at a time: latency-bound, a
+    few milliseconds per layer at 75k tokens.  Enough splits for about 16
+    programs per SM, each range at least 2,048 keys, keep every SM busy.
+    """
+    if device.type != "cuda":
+        return min(4, triton.cdiv(seq_len, block_n))  # the interpreter: a few, so the tests cover merging
+    target = 16 * torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(triton.cdiv(target, programs), triton.cdiv(seq_len, 2048)))
 
 
 def masked_row_errors(
@@ -166,24 +191,39 @@ def _masked_row_errors_op(
     masks = masks.view(torch.uint8)
     block_r = 16
     block_n = 128 if head_dim <= 64 else 64
-    grid = (triton.cdiv(num_rows, block_r), batch * heads, num_masks)
-    partial = torch.empty((batch, heads, num_masks, grid[0]), dtype=torch.float32, device=q.device)
+    row_blocks = triton.cdiv(num_rows, block_r)
+    splits = key_splits(row_blocks * num_masks * batch * heads, seq_len, block_n, q.device)
+    keys_per_split = triton.cdiv(triton.cdiv(seq_len, splits), block_n) * block_n
+    splits = triton.cdiv(seq_len, keys_per_split)
+    grid = (row_blocks * num_masks, splits, batch * heads)
+    shape = (batch, heads, splits, row_blocks, num_masks, block_r)  # the kernel's program order, then rows
+    running_max = torch.empty(shape, dtype=torch.float32, device=q.device)
+    sums = torch.empty((*shape, 2), dtype=torch.float32, device=q.device)  # all keys, the mask's keys
+    accumulators = torch.empty((*shape, 2, head_dim), dtype=torch.float32, device=q.device)
     key_valid = key_padding_mask.view(torch.uint8) if key_padding_mask is not None else masks
     kernel = kernel_for(_masked_row_errors, q.device)
     kernel[grid](
-        q, k, v, rows, masks, key_valid, partial,
+        q, k, v, rows, masks, key_valid, running_max, sums, accumulators,
         _LOG2_E / math.sqrt(head_dim),
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         masks.stride(0), masks.stride(1),
         key_padding_mask.stride(0) if key_padding_mask is not None else 0,
-        heads, seq_len, num_rows,
+        heads, seq_len, num_rows, num_masks, keys_per_split,
         HEAD_DIM=head_dim, BLOCK_R=block_r, BLOCK_N=block_n, HAS_KEY_PADDING=key_padding_mask is not None,
         DOT_IN_FP32=q.device.type == "cpu",
         num_warps=4, num_stages=2,
     )
-    return partial.sum(-1) / (num_rows * head_dim)
+    # Merge the splits: rescale each to the largest running max (a split without a valid key weighs 0).
+    top = running_max.amax(dim=2, keepdim=True)
+    weight = torch.where(running_max == float("-inf"), 0.0, torch.exp2(running_max - top))
+    sums = (sums * weight[..., None]).sum(dim=2)  # (B, H, row blocks, M, block_r, 2)
+    accumulators = (accumulators * weight[..., None, None]).sum(dim=2)
+    outputs = accumulators / sums[..., None]  # attention over all keys, and over the mask's
+    difference = (outputs[..., 1, :] - outputs[..., 0, :]).transpose(-2, -3)  # (B, H, row blocks, block_r, M, D)
+    difference = difference.reshape(batch, heads, row_blocks * block_r, num_masks, head_dim)[:, :, :num_rows]
+    return difference.square().sum(dim=(2, 4)) / (num_rows * head_dim)
 
 
 @_masked_row_errors_op.register_fake

@@ -11,6 +11,15 @@ forward that builds plans and tunes kernels) per configuration:
 - ``floor-qk``: the same, but the stand-in reads q and k too: compiled, a
   plain copy lets inductor drop the q and k projections (see
   :func:`attention_replaced`);
+- ``dense-kernel``: every layer through vdit-sparse's processor, every block
+  of every head on the block-sparse kernel (svg at density 1 with every head
+  spatial: dense attention, exact, no classification): the dense baseline on
+  vdit-sparse's own path.  For HunyuanVideo 1.5 this is the fair one: the
+  model's own processor builds an ``(S, S)`` boolean mask in every layer and
+  SDPA then takes a masked kernel, where vdit-sparse passes key padding;
+- ``skip``: every layer through vdit-sparse's processor with its attention
+  output zero (the ``skip`` method): the floor of any method on that path
+  (``floor`` keeps the model's own processor, mask building included);
 - ``svg-<d>``: Sparse VideoGen at density d, first layer dense, heads
   classified at every step (``reprofile_every: 1``, the most expensive);
 - ``svg-<d>-spatial``: every head forced spatial (no classification, no token
@@ -73,7 +82,7 @@ COGVIDEOX_5B = dict(
     timestep_activation_fn="silu", norm_elementwise_affine=True, norm_eps=1e-5, spatial_interpolation_scale=1.875,
     temporal_interpolation_scale=1.0, use_rotary_positional_embeddings=True, use_learned_positional_embeddings=False,
 )
-CONFIGS = ("dense", "floor", "floor-qk", "svg", "svg-spatial", "chipmunk")
+CONFIGS = ("dense", "floor", "floor-qk", "dense-kernel", "skip", "svg", "svg-spatial", "chipmunk")
 # Chipmunk's step-caching schedule for HunyuanVideo (its examples' config): 25 of 50 steps reuse the last output.
 SKIP_STEPS = [7, 11, 13, 14, 15, 17, 18, 19, 21, 22, 23, 25, 26, 27, 29, 31, 33, 34, 35, 37, 38, 39, 41, 42, 43]
 REFRESH_STEPS = [0, 1, 10, 40]  # Chipmunk's default dense steps
@@ -206,7 +215,10 @@ def build(args):
         scheduler = FlowMatchEulerDiscreteScheduler(shift=7.0)
         batch = 1
     scheduler.set_timesteps(args.steps, device=device)
-    pipe = SimpleNamespace(transformer=model, scheduler=scheduler, current_timestep=None)
+    # HunyuanVideo 1.5's pipeline passes the timestep in the latents' dtype (its embedder needs that); the
+    # others pass the schedule's float32 entry.
+    timestep_dtype = dtype if args.model == "hunyuan-video-1.5" else None
+    pipe = SimpleNamespace(transformer=model, scheduler=scheduler, current_timestep=None, timestep_dtype=timestep_dtype)
     return model, inputs, pipe, batch, shape
 
 
@@ -216,10 +228,12 @@ def synchronize(device: str) -> None:
 
 
 def forward(model, inputs, pipe, batch: int, step: int):
-    # As the pipelines do: the transformer gets a view of the schedule's entry.
+    # As the pipelines do: the transformer gets a view of the schedule's entry (cast where the pipeline casts
+    # it), and the pipeline's current_timestep is that entry.
     timestep = pipe.scheduler.timesteps[step]
     pipe.current_timestep = timestep
-    return model(**inputs, timestep=timestep.expand(batch), return_dict=False)[0]
+    passed = timestep.expand(batch) if pipe.timestep_dtype is None else timestep.expand(batch).to(pipe.timestep_dtype)
+    return model(**inputs, timestep=passed, return_dict=False)[0]
 
 
 def timed(model, inputs, pipe, batch, step, repeats, device, later_steps=None) -> tuple[float, torch.Tensor]:
@@ -407,6 +421,11 @@ def main():
             if "dense" in wanted:
                 runs.append(("dense", None, {}))
             runs += [(name, None, {}) for name in ("floor", "floor-qk") if name in wanted]
+            if "dense-kernel" in wanted:
+                runs.append(("dense-kernel", {"name": "dense-kernel", "method": "svg",
+                                              "params": {"density": 1.0, "head_kind": "spatial"}}, {}))
+            if "skip" in wanted:
+                runs.append(("skip", {"name": "skip", "method": "skip"}, {}))
             for density in args.densities:
                 if "svg" in wanted:
                     runs.append((f"svg-{density}", svg(density, "auto"), {"density": density}))
@@ -457,6 +476,12 @@ def main():
     if "dense" in configs and "floor" in configs:  # what attention costs of a step, and the most sparsity can give
         dense, floor = configs["dense"]["step_s"], configs["floor"]["step_s"]
         results["attention_share"] = {"of_dense_step": 1 - floor / dense, "speedup_cap": dense / floor}
+    if "dense-kernel" in configs and "skip" in configs:  # the same on vdit-sparse's path
+        dense, floor = configs["dense-kernel"]["step_s"], configs["skip"]["step_s"]
+        results["attention_share_on_kernel"] = {"of_dense_kernel_step": 1 - floor / dense, "speedup_cap": dense / floor}
+        for name, row in configs.items():
+            if name not in ("dense-kernel", "dense") and not name.startswith("compiled-"):
+                row["speedup_over_dense_kernel"] = dense / row["step_s"]
     headline = f"svg-{args.densities[0]}"
     if headline in configs and f"{headline}-spatial" in configs:
         classified, forced = configs[headline]["step_s"], configs[f"{headline}-spatial"]["step_s"]
