@@ -132,9 +132,9 @@ def _masked_row_errors(
 def key_splits(programs: int, seq_len: int, block_n: int, device: torch.device) -> int:
     """How many key ranges each (row block, batch, head, mask) is split into.
 
-    Without a split, the few programs a layer has (4 row blocks x B x H x 2
-    masks) each stream all ``S`` keys one block at a time: latency-bound, a
-    few milliseconds per layer at 75k tokens.  Enough splits for about 16
+    Without a split, the few programs a layer has (B x H x 2 masks) each
+    stream all ``S`` keys one block at a time: latency-bound, a few
+    milliseconds per layer at 75k tokens.  Enough splits for about 16
     programs per SM, each range at least 2,048 keys, keep every SM busy.
     """
     if device.type != "cuda":
@@ -189,7 +189,9 @@ def _masked_row_errors_op(
     batch, heads, seq_len, head_dim = q.shape
     num_masks, num_rows = masks.shape[0], rows.numel()
     masks = masks.view(torch.uint8)
-    block_r = 16
+    # All sampled rows (64 by default) in one row block where they fit: each further row block would read
+    # every key and value again.
+    block_r = min(64, max(16, triton.next_power_of_2(num_rows)))
     block_n = 128 if head_dim <= 64 else 64
     row_blocks = triton.cdiv(num_rows, block_r)
     splits = key_splits(row_blocks * num_masks * batch * heads, seq_len, block_n, q.device)
@@ -213,7 +215,7 @@ def _masked_row_errors_op(
         heads, seq_len, num_rows, num_masks, keys_per_split,
         HEAD_DIM=head_dim, BLOCK_R=block_r, BLOCK_N=block_n, HAS_KEY_PADDING=key_padding_mask is not None,
         DOT_IN_FP32=q.device.type == "cpu",
-        num_warps=4, num_stages=2,
+        num_warps=8 if block_r == 64 else 4, num_stages=2,
     )
     # Merge the splits: rescale each to the largest running max (a split without a valid key weighs 0).
     top = running_max.amax(dim=2, keepdim=True)
