@@ -25,6 +25,12 @@ forward that builds plans and tunes kernels) per configuration:
 - ``svg-<d>-spatial``: every head forced spatial (no classification, no token
   order): the difference to ``svg-<d>`` is the cost of classifying and of the
   layout transformation;
+- ``svdit-<d>``: Sparse-vDiT with a fixed mode mix standing in for a
+  searched profile (a search needs the real weights; the step time depends
+  on the mix, not on which heads get which mode): the heads of every layer
+  but the first (dense) cycle through diagonal, multi-diagonal and
+  vertical-stripe patterns at density d (:func:`svdit_mix_profile`), all of
+  a layer's heads in one launch;
 - ``chipmunk-<k>``: Chipmunk attention deltas keeping ``k`` of the keys (and,
   with ``--mlp-top-k``, feed-forward deltas recomputing that share of hidden
   units), the first two layers dense, timed on a sparse step (the untimed
@@ -82,7 +88,7 @@ COGVIDEOX_5B = dict(
     timestep_activation_fn="silu", norm_elementwise_affine=True, norm_eps=1e-5, spatial_interpolation_scale=1.875,
     temporal_interpolation_scale=1.0, use_rotary_positional_embeddings=True, use_learned_positional_embeddings=False,
 )
-CONFIGS = ("dense", "floor", "floor-qk", "dense-kernel", "skip", "svg", "svg-spatial", "chipmunk")
+CONFIGS = ("dense", "floor", "floor-qk", "dense-kernel", "skip", "svg", "svg-spatial", "svdit", "chipmunk")
 # Chipmunk's step-caching schedule for HunyuanVideo (its examples' config): 25 of 50 steps reuse the last output.
 SKIP_STEPS = [7, 11, 13, 14, 15, 17, 18, 19, 21, 22, 23, 25, 26, 27, 29, 31, 33, 34, 35, 37, 38, 39, 41, 42, 43]
 REFRESH_STEPS = [0, 1, 10, 40]  # Chipmunk's default dense steps
@@ -220,6 +226,35 @@ def build(args):
     timestep_dtype = dtype if args.model == "hunyuan-video-1.5" else None
     pipe = SimpleNamespace(transformer=model, scheduler=scheduler, current_timestep=None, timestep_dtype=timestep_dtype)
     return model, inputs, pipe, batch, shape
+
+
+def spread_stripe_columns(layout, density: float, block_n: int) -> list[str]:
+    """Evenly spread whole key blocks of the video holding ``density`` of them (timing does not depend on which)."""
+    from vdit_sparse.methods.svdit import format_column_ranges
+
+    first, last = layout.video_start // block_n, (layout.video_end - 1) // block_n
+    count = max(1, round(density * (last - first + 1)))
+    blocks = torch.linspace(first, last, count).round().long().unique()
+    tokens = (blocks[:, None] * block_n + torch.arange(block_n)).flatten()
+    tokens = tokens[(tokens >= layout.video_start) & (tokens < layout.video_end)]
+    return format_column_ranges(tokens - layout.video_start)
+
+
+def svdit_mix_profile(layout, density: float, num_layers: int, num_heads: int, block_n: int) -> dict:
+    """Sparse-vDiT, layer 0 dense, head ``h`` of every other layer diagonal, multi-diagonal or vertical stripe
+    (``h mod 3``) at ``density``."""
+    modes = ("diagonal", "multi_diagonal", "vertical_stripe")
+    heads = {}
+    for head in range(num_heads):
+        mode = modes[head % 3]
+        params: dict = {"mode": mode}
+        if mode == "vertical_stripe":
+            params["columns"] = spread_stripe_columns(layout, density, block_n)
+        else:
+            params["density"] = density
+        heads[str(head)] = {"params": params}
+    return {"name": f"svdit-mix-{density}", "method": "svdit", "params": {"mode": "dense"}, "dense_layers": [0],
+            "layers": {layer: {"heads": heads} for layer in range(1, num_layers)}}
 
 
 def synchronize(device: str) -> None:
@@ -384,8 +419,12 @@ def main():
 
     from vdit_sparse.pipelines import find_adapter
 
+    from vdit_sparse.kernels.block_sizes import default_block_sizes
+
     torch.manual_seed(0)
     model, inputs, pipe, batch, shape = build(args)
+    adapter = find_adapter(pipe)
+    layout = adapter.token_layout(model, {**inputs, "timestep": None})
     step = min(args.warmup_steps + 1, args.steps - 4)  # a step past the warm-up
     on_gpu = args.device.startswith("cuda")
     results: dict = {
@@ -398,7 +437,7 @@ def main():
         "model": f"{type(model).__name__}, {args.model} config, random {args.dtype} weights",
         "batch": batch,
         "latent_shape": shape,
-        "sequence": find_adapter(pipe).token_layout(model, {**inputs, "timestep": None}).seq_len,
+        "sequence": layout.seq_len,
         "repeats": args.repeats,
     }
     dense_backends = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
@@ -431,6 +470,11 @@ def main():
                     runs.append((f"svg-{density}", svg(density, "auto"), {"density": density}))
                 if "svg-spatial" in wanted:
                     runs.append((f"svg-{density}-spatial", svg(density, "spatial"), {"density": density}))
+                if "svdit" in wanted:
+                    block_n = default_block_sizes(model.config.attention_head_dim)[1]
+                    mix = svdit_mix_profile(layout, density, len(adapter.attention_modules(model)),
+                                            adapter.num_heads(model), block_n)
+                    runs.append((f"svdit-{density}", mix, {"density": density}))
             if "chipmunk" in wanted:
                 for top_k in args.top_k:
                     params = {"top_k": top_k, "mlp_top_k": args.mlp_top_k}

@@ -45,10 +45,10 @@ from pathlib import Path
 
 import torch
 
-from scripts.bench_step import build, forward, synchronize, timed
+from scripts.bench_step import build, forward, spread_stripe_columns, synchronize, timed
 from vdit_sparse.geometry import TokenLayout
 from vdit_sparse.kernels.block_sizes import default_block_sizes
-from vdit_sparse.methods.svdit import format_column_ranges, mode_plan, stripe_columns
+from vdit_sparse.methods.svdit import mode_plan, stripe_columns
 from vdit_sparse.plan import combine_plans, run_plan
 
 MIX = {"skip": 1, "dense": 2, "diagonal": 7, "multi_diagonal": 7, "vertical_stripe": 7}  # per 24 heads
@@ -68,16 +68,6 @@ def parse_args():
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     parser.add_argument("--out", type=Path, required=True)
     return parser.parse_args()
-
-
-def spread_stripe_columns(layout: TokenLayout, density: float, block_n: int) -> list[str]:
-    """Evenly spread whole key blocks of the video holding ``density`` of them (timing does not depend on which)."""
-    first, last = layout.video_start // block_n, (layout.video_end - 1) // block_n
-    count = max(1, round(density * (last - first + 1)))
-    blocks = torch.linspace(first, last, count).round().long().unique()
-    tokens = (blocks[:, None] * block_n + torch.arange(block_n)).flatten()
-    tokens = tokens[(tokens >= layout.video_start) & (tokens < layout.video_end)]
-    return format_column_ranges(tokens - layout.video_start)
 
 
 def head_modes() -> list[str]:
