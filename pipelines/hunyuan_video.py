@@ -102,6 +102,16 @@ class HunyuanVideoSparseProcessor(RoutingProcessor):
                                lambda q, k, v: self.dispatcher.attend(q, k, v, call))
 
 
+def _heads_qkv(attn, x, projections, norm_q, norm_k):
+    """q, k, v ``(B, S, H, D)`` of ``x`` through one stream's three projections and its q/k norms (if any)."""
+    query, key, value = (projection(x).unflatten(2, (attn.heads, -1)) for projection in projections)
+    if norm_q is not None:
+        query = norm_q(query)
+    if norm_k is not None:
+        key = norm_k(key)
+    return query, key, value
+
+
 def joint_attention(attn, hidden_states, encoder_hidden_states, image_rotary_emb, attend, text_valid=None):
     """(video output, text output) of one HunyuanVideo (or 1.5) attention over ``[video | text]`` with ``attend``
     (q, k, v ``(B, H, S, D)`` -> output) in place of SDPA; q, k, v as the model's processors compute them.
@@ -118,13 +128,7 @@ def joint_attention(attn, hidden_states, encoder_hidden_states, image_rotary_emb
     single_stream = attn.add_q_proj is None
     if single_stream:
         hidden_states = torch.cat([hidden_states, encoder_hidden_states], dim=1)
-    query = attn.to_q(hidden_states).unflatten(2, (attn.heads, -1))
-    key = attn.to_k(hidden_states).unflatten(2, (attn.heads, -1))
-    value = attn.to_v(hidden_states).unflatten(2, (attn.heads, -1))
-    if attn.norm_q is not None:
-        query = attn.norm_q(query)
-    if attn.norm_k is not None:
-        key = attn.norm_k(key)
+    query, key, value = _heads_qkv(attn, hidden_states, (attn.to_q, attn.to_k, attn.to_v), attn.norm_q, attn.norm_k)
     if image_rotary_emb is not None:
         if single_stream:  # RoPE on the video part only
 
@@ -137,13 +141,9 @@ def joint_attention(attn, hidden_states, encoder_hidden_states, image_rotary_emb
             query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
             key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
     if not single_stream:
-        text_q = attn.add_q_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
-        text_k = attn.add_k_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
-        text_v = attn.add_v_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
-        if attn.norm_added_q is not None:
-            text_q = attn.norm_added_q(text_q)
-        if attn.norm_added_k is not None:
-            text_k = attn.norm_added_k(text_k)
+        text_projections = (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj)
+        text_q, text_k, text_v = _heads_qkv(attn, encoder_hidden_states, text_projections, attn.norm_added_q,
+                                            attn.norm_added_k)
         query = torch.cat([query, text_q], dim=1)
         key = torch.cat([key, text_k], dim=1)
         value = torch.cat([value, text_v], dim=1)
