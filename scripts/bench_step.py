@@ -134,6 +134,8 @@ def parse_args():
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the rows already in --out (a run cut short by a time limit) and time only the rest")
     return parser.parse_args()
 
 
@@ -448,6 +450,15 @@ def main():
                 "params": {"density": density, "head_kind": head_kind, "reprofile_every": 1}}
 
     configs: dict[str, dict] = {}
+    if args.resume and args.out.exists():
+        earlier = json.loads(args.out.read_text())
+        same = ("model", "batch", "latent_shape", "sequence", "repeats", "gpu", "torch", "triton")
+        changed = [key for key in same if earlier.get(key) != results[key]]
+        if changed:
+            raise SystemExit(f"--resume: {args.out} was written with a different {', '.join(changed)}")
+        configs.update(earlier["configs"])
+        results["resumed_from"] = earlier["date"]
+        print(f"resuming: {len(configs)} rows kept from {args.out}")
     results["configs"] = configs
     outputs: dict[str, list] = {}
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -498,6 +509,8 @@ def main():
                         runs.append((f"chipmunk-{top_k}-skipped-step", cached,
                                      {**extra, "later_steps": skipped, "profile_step": None}))
             for name, profile, extra in runs:
+                if prefix + name in configs:  # kept by --resume
+                    continue
                 floor = attention_replaced(name == "floor-qk") if name.startswith("floor") else contextlib.nullcontext()
                 at, later, profile_at = extra.get("at_step", step), extra.get("later_steps"), extra.get("profile_step")
                 kept = outputs.setdefault(prefix + name, []) if name.startswith("chipmunk") else None
@@ -505,7 +518,7 @@ def main():
                     row = {"mode": mode, **extra,
                            **measure(model, inputs, pipe, batch, at, args, profile, compiled, later, kept, profile_at)}
                 configs[prefix + name] = row
-                if name.endswith("-cpu"):  # the same forwards with the caches on the GPU came just before
+                if name.endswith("-cpu") and name[: -len("-cpu")] in outputs:  # the same forwards with the caches on the GPU came just before
                     row["output_equals_gpu_cache"] = torch.equal(outputs[name[: -len("-cpu")]][0], kept[0])
                 args.out.write_text(json.dumps(results, indent=2) + "\n")  # the rows so far survive a time limit
                 print(f"{prefix + name}: {row['step_s']:.3f} s" + "".join(
