@@ -61,6 +61,10 @@ density`` and compared with 50 dense steps.
     python scripts/bench_step.py --model hunyuan-video --densities 0.2 --warmup-steps 3 \\
         --out benchmarks/results/step-hunyuan-video-h200.json
 
+Every row is written to ``--out`` as soon as it is timed; ``--resume`` keeps
+the rows of a run cut short (same model, shape, repeats, GPU and versions)
+and times only the missing ones, so the 50-step compositions see them all.
+
 ``--layers``, ``--frames``, ``--height`` and ``--width`` shrink the model and
 the inputs (smoke tests on a CPU: ``--device cpu --dtype float32``).
 """
@@ -518,8 +522,10 @@ def main():
                     row = {"mode": mode, **extra,
                            **measure(model, inputs, pipe, batch, at, args, profile, compiled, later, kept, profile_at)}
                 configs[prefix + name] = row
-                if name.endswith("-cpu") and name[: -len("-cpu")] in outputs:  # the same forwards with the caches on the GPU came just before
-                    row["output_equals_gpu_cache"] = torch.equal(outputs[name[: -len("-cpu")]][0], kept[0])
+                if name.endswith("-cpu"):  # its GPU-cache twin ran just before, unless --resume kept that row
+                    twin = outputs.get(name[: -len("-cpu")])
+                    row["output_equals_gpu_cache"] = (torch.equal(twin[0], kept[0]) if twin
+                                                      else "not compared: the GPU-cache row was kept by --resume")
                 args.out.write_text(json.dumps(results, indent=2) + "\n")  # the rows so far survive a time limit
                 print(f"{prefix + name}: {row['step_s']:.3f} s" + "".join(
                     f", {key} {row[key]}" for key in ("first_call_s", "recompiled_after_first_call", "computed_fraction",
