@@ -287,6 +287,7 @@ def test_query_rows_must_fit_q():
         (2, 3, 161, 64, 21, 2, torch.bfloat16, True),
         (1, 2, 300, 128, 40, 3, torch.bfloat16, False),
         (2, 1, 130, 64, 7, 1, torch.float16, True),
+        (2, 2, 150, 32, 70, 4, torch.float32, True),  # two row blocks, two pairs of masks
     ],
     ids=lambda x: str(x).replace("torch.", ""),
 )
