@@ -187,6 +187,11 @@ class PipelineAdapter:
     def num_heads(self, transformer: torch.nn.Module) -> int:
         return self.attention_modules(transformer)[0].heads
 
+    def layers_and_heads(self, pipe: Any) -> tuple[int, int]:
+        """What a profile's ``model.num_layers`` and ``model.num_heads`` describe: the attention layers of all the
+        pipeline's transformers, and the heads of one layer."""
+        return len(self.attention_layers(pipe)), self.num_heads(self.transformers(pipe)[0])
+
     def token_layout(self, transformer: torch.nn.Module, inputs: dict[str, Any]) -> TokenLayout:
         """The attention sequence's layout for one forward, read from that forward's inputs."""
         raise NotImplementedError

@@ -152,6 +152,11 @@ def build(args):
     def randn(*size):
         return torch.randn(*size, generator=generator, device=device, dtype=dtype)
 
+    def text_mask(length, real):  # (1, length) bool: the first `real` tokens real, padding after
+        mask = torch.zeros(1, length, dtype=torch.bool, device=device)
+        mask[:, :real] = True
+        return mask
+
     if args.model == "cogvideox-5b":
         from diffusers import CogVideoXDPMScheduler, CogVideoXTransformer3DModel
         from diffusers.pipelines.cogvideo.pipeline_cogvideox import CogVideoXPipeline
@@ -177,13 +182,10 @@ def build(args):
         with device:
             model = HunyuanVideoTransformer3DModel(**layers).to(dtype).eval()
         config = model.config
-        text_len, real_text = 256, 40
-        mask = torch.zeros(1, text_len, dtype=torch.bool, device=device)
-        mask[:, :real_text] = True
         inputs = dict(
             hidden_states=randn(1, config.in_channels, shape["frames"], shape["height"], shape["width"]),
-            encoder_hidden_states=randn(1, text_len, config.text_embed_dim),
-            encoder_attention_mask=mask,
+            encoder_hidden_states=randn(1, 256, config.text_embed_dim),
+            encoder_attention_mask=text_mask(256, 40),
             pooled_projections=randn(1, config.pooled_projection_dim),
             guidance=torch.tensor([6000.0], device=device, dtype=dtype),
         )
@@ -210,12 +212,6 @@ def build(args):
             model = HunyuanVideo15Transformer3DModel(**({"num_layers": args.layers} if args.layers else {}))
             model = model.to(dtype).eval()
         config = model.config
-
-        def text_mask(length, real):
-            mask = torch.zeros(1, length, dtype=torch.bool, device=device)
-            mask[:, :real] = True
-            return mask
-
         inputs = dict(
             hidden_states=randn(1, config.in_channels, shape["frames"], shape["height"], shape["width"]),
             encoder_hidden_states=randn(1, 1000, config.text_embed_dim),

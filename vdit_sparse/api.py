@@ -553,14 +553,15 @@ def accelerate_pipeline(pipe: Any, profile: Union[str, Path, Profile, dict, Reso
             "the pipeline's transformer is already wrapped by torch.compile; call accelerate_pipeline "
             "before torch.compile (compile the accelerated transformer afterwards)"
         )
-    for transformer in find_adapter(pipe).transformers(pipe):
+    adapter = find_adapter(pipe)
+    for transformer in adapter.transformers(pipe):
         existing = getattr(transformer, _HANDLE_ATTR, None)
         if existing is not None:
             raise RuntimeError(
                 f"vdit-sparse has already been applied to this pipeline (profile '{existing.profile.name}'); "
                 "call handle.remove() first"
             )
-    handle = AccelerationHandle(pipe, find_adapter(pipe), check_profile(pipe, profile))
+    handle = AccelerationHandle(pipe, adapter, check_profile(pipe, profile))
     handle._install()
     return handle
 
@@ -576,5 +577,5 @@ def check_profile(pipe: Any, profile: Union[str, Path, Profile, dict, ResolvedPr
     """
     adapter = find_adapter(pipe)
     resolved = load_profile(profile)
-    resolved.check_model(adapter.family, len(adapter.attention_layers(pipe)), adapter.num_heads(adapter.transformers(pipe)[0]))
+    resolved.check_model(adapter.family, *adapter.layers_and_heads(pipe))
     return resolved

@@ -463,7 +463,7 @@ def _cmd_inspect(args) -> int:
         from .pipelines import find_adapter
 
         adapter = find_adapter(pipe)
-        layers, heads = len(adapter.attention_layers(pipe)), adapter.num_heads(adapter.transformers(pipe)[0])
+        layers, heads = adapter.layers_and_heads(pipe)
     if layers is None or heads is None:
         raise UsageError(
             f"profile '{profile.name}' does not state its layer and head counts (model.num_layers, model.num_heads); "

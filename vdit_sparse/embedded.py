@@ -433,15 +433,21 @@ def _hvi2v_prompt_template() -> dict:
     return {**DEFAULT_PROMPT_TEMPLATE, "image_emb_len": _HVI2V_IMAGE_TOKENS, "image_emb_end": start + _HVI2V_IMAGE_TOKENS}
 
 
-def _hvi2v_llava(seed: int, tokenizer, llama_config):
-    """HunyuanVideo-I2V's prompt encoder: a tiny CLIP vision tower (16 image features, CLS dropped as Llava's
-    default strategy) projected into the Llama, and its image processor."""
-    from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
-
+def _clip_image_processor(size: int):
+    """CLIP's image processor at ``size`` px: resize, centre crop, OpenAI CLIP mean and std, bicubic (its defaults,
+    as the real checkpoints')."""
     try:  # the PIL one: without torchvision, newer transformers fall back to it with a warning
         from transformers import CLIPImageProcessorPil as CLIPImageProcessor
     except ImportError:
         from transformers import CLIPImageProcessor
+
+    return CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+
+
+def _hvi2v_llava(seed: int, tokenizer, llama_config):
+    """HunyuanVideo-I2V's prompt encoder: a tiny CLIP vision tower (16 image features, CLS dropped as Llava's
+    default strategy) projected into the Llama, and its image processor."""
+    from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
 
     vision_config = CLIPVisionConfig(
         hidden_size=16,  # distinct from the Llama width: the projector really maps
@@ -460,10 +466,7 @@ def _hvi2v_llava(seed: int, tokenizer, llama_config):
         pad_token_id=tokenizer.pad_token_id,  # read by the pipeline to mask padding (LlavaConfig has none)
     )
     text_encoder = _seeded(seed, 1, lambda: LlavaForConditionalGeneration(llava_config))
-    image_processor = CLIPImageProcessor(  # OpenAI CLIP mean / std, bicubic, as the real one
-        size={"shortest_edge": _HVI2V_IMAGE_SIZE}, crop_size={"height": _HVI2V_IMAGE_SIZE, "width": _HVI2V_IMAGE_SIZE}
-    )
-    return text_encoder, image_processor
+    return text_encoder, _clip_image_processor(_HVI2V_IMAGE_SIZE)
 
 
 def _build_hunyuan_video(variant: str, seed: int):
@@ -652,11 +655,6 @@ def _wan_transformer(seed: int, offset: int, in_channels: int, image_dim: int | 
 def _wan_image_encoder(seed: int):
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
-    try:  # the PIL one: without torchvision, newer transformers fall back to it with a warning
-        from transformers import CLIPImageProcessorPil as CLIPImageProcessor
-    except ImportError:
-        from transformers import CLIPImageProcessor
-
     config = CLIPVisionConfig(
         hidden_size=_WAN_IMAGE_DIM,
         intermediate_size=64,
@@ -668,21 +666,7 @@ def _wan_image_encoder(seed: int):
         hidden_act="gelu",
     )
     image_encoder = _seeded(seed, 5, lambda: CLIPVisionModel(config))
-    # OpenAI CLIP preprocessing, at 32 px
-    image_processor = CLIPImageProcessor(
-        do_resize=True,
-        size={"shortest_edge": 32},
-        resample=3,  # bicubic
-        do_center_crop=True,
-        crop_size={"height": 32, "width": 32},
-        do_rescale=True,
-        rescale_factor=1 / 255,
-        do_normalize=True,
-        image_mean=[0.48145466, 0.4578275, 0.40821073],
-        image_std=[0.26862954, 0.26130258, 0.27577711],
-        do_convert_rgb=True,
-    )
-    return image_encoder, image_processor
+    return image_encoder, _clip_image_processor(32)
 
 
 def _build_wan(variant: str, seed: int):

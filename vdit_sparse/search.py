@@ -582,10 +582,11 @@ def search_profile(
     if reserved:
         raise ValueError(f"call_args must not set {reserved}; the search sets them per run")
     adapter = find_adapter(pipe)
-    if len(adapter.transformers(pipe)) > 1:
+    experts = len(adapter.transformers(pipe))
+    if experts > 1:
         raise ValueError(f"the search covers one transformer; {type(pipe).__name__} runs "
-                         f"{len(adapter.transformers(pipe))} (two experts): search each expert's model on its own")
-    num_layers, num_heads = len(adapter.attention_modules(pipe.transformer)), adapter.num_heads(pipe.transformer)
+                         f"{experts} (two experts): search each expert's model on its own")
+    num_layers, num_heads = adapter.layers_and_heads(pipe)
     units = [(str(prompt), int(seed)) for prompt in prompts for seed in seeds]
     record = _Record(settings)
     partial = Path(str(out) + ".record.pt") if out is not None else None
